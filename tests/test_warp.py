@@ -1,0 +1,297 @@
+"""Tests of warp.py on synthetic flows whose answers are known exactly."""
+import math
+
+import pytest
+import torch
+
+from warp import backward_warp, correlation, fb_occlusion, occlusion_mask, pixel_grid, range_map, resize_flow
+
+
+def constant_flow(B, H, W, u, v, dtype=torch.float32):
+    flow = torch.empty(B, 2, H, W, dtype=dtype)
+    flow[:, 0], flow[:, 1] = u, v
+    return flow
+
+
+# ------------------------------------------------------------------------------------------ warp
+def test_zero_flow_is_exact_identity():
+    x = torch.randn(2, 5, 13, 17)
+    warped, valid = backward_warp(x, torch.zeros(2, 2, 13, 17))
+    assert torch.equal(warped, x)
+    assert torch.equal(valid, torch.ones(2, 1, 13, 17))
+
+
+@pytest.mark.parametrize("u,v", [(3, 0), (0, -2), (-4, 5), (1, 1)])
+def test_integer_flow_shifts_exactly(u, v):
+    H, W = 9, 11
+    x = torch.randn(2, 3, H, W)
+    warped, valid = backward_warp(x, constant_flow(2, H, W, u, v))
+    expected = torch.zeros_like(x)
+    expected_valid = torch.zeros(2, 1, H, W)
+    for y in range(H):
+        for xx in range(W):
+            if 0 <= y + v < H and 0 <= xx + u < W:
+                expected[:, :, y, xx] = x[:, :, y + v, xx + u]
+                expected_valid[:, :, y, xx] = 1
+    assert torch.equal(warped, expected)
+    assert torch.equal(valid, expected_valid)
+
+
+def test_subpixel_flow_interpolates_bilinearly():
+    # x = [[0, 1, 2], [3, 4, 5]]; sampling (x, y) = (0.25, 0.5) from pixel (0, 0):
+    # 0.75*0.5*0 + 0.25*0.5*1 + 0.75*0.5*3 + 0.25*0.5*4 = 1.75
+    x = torch.tensor([[0.0, 1, 2], [3, 4, 5]]).view(1, 1, 2, 3)
+    flow = torch.zeros(1, 2, 2, 3)
+    flow[0, :, 0, 0] = torch.tensor([0.25, 0.5])
+    flow[0, :, 0, 1] = torch.tensor([0.9, 0.1])  # (1.9, 0.1): 0.1*0.9*1 + 0.9*0.9*2 + 0.1*0.1*4 + 0.9*0.1*5 = 2.2
+    flow[0, :, 1, 2] = torch.tensor([-1.5, -0.25])  # (0.5, 0.75): 0.25*0.5*(0+1) + 0.75*0.5*(3+4) = 2.75
+    warped, valid = backward_warp(x, flow)
+    assert warped[0, 0, 0, 0].item() == pytest.approx(1.75, abs=1e-6)
+    assert warped[0, 0, 0, 1].item() == pytest.approx(2.2, abs=1e-6)
+    assert warped[0, 0, 1, 2].item() == pytest.approx(2.75, abs=1e-6)
+    assert warped[0, 0, 1, 0].item() == 3.0 and valid.sum().item() == 6
+
+
+def test_samples_outside_give_zero_and_invalid():
+    x = torch.ones(1, 2, 4, 5)
+    flow = torch.zeros(1, 2, 4, 5)
+    flow[0, 0, 0, 0] = -0.5  # half a pixel left of the image: outside, not a blend with padding
+    flow[0, 1, 1, 1] = 2.5  # y = 3.5 > H - 1
+    flow[0, 0, 2, 4] = 0.0  # the last column itself is inside
+    warped, valid = backward_warp(x, flow)
+    assert warped[0, :, 0, 0].eq(0).all() and valid[0, 0, 0, 0] == 0
+    assert warped[0, :, 1, 1].eq(0).all() and valid[0, 0, 1, 1] == 0
+    assert warped[0, :, 2, 4].eq(1).all() and valid[0, 0, 2, 4] == 1
+    assert valid.sum().item() == 18
+
+
+def test_warp_gradcheck_in_x_and_flow():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    # Fractional positions away from the cell edges, where bilinear sampling is differentiable.
+    flow = (0.3 + 0.4 * torch.rand(2, 2, 5, 6, dtype=torch.float64)) * torch.tensor([1.0, -1.0], dtype=torch.float64).view(1, 2, 1, 1)
+    flow = (flow + torch.randint(-2, 3, (2, 2, 5, 6)).double()).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, f: backward_warp(a, f)[0], (x, flow))
+
+
+def test_warp_under_bf16_autocast_samples_in_float32():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 16, 600)
+    flow = constant_flow(1, 16, 600, 0.37, -0.21) + 3 * torch.randn(1, 2, 16, 600)
+    reference, _ = backward_warp(x, flow)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        warped, valid = backward_warp(x, flow)
+        warped_bf16_input, _ = backward_warp(x.bfloat16(), flow.bfloat16())
+    assert warped.dtype == torch.float32 and torch.equal(warped, reference)
+    assert warped_bf16_input.dtype == torch.float32
+    # bf16 would round pixel x-coordinates near 600 to multiples of 4; float32 positions keep the
+    # sub-pixel result within bf16's rounding of the *values* only.
+    ref_rounded, _ = backward_warp(x.bfloat16().float(), flow.bfloat16().float())
+    assert torch.allclose(warped_bf16_input, ref_rounded, atol=1e-5)
+
+
+def test_warp_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="share B, H, W"):
+        backward_warp(torch.zeros(1, 3, 4, 5), torch.zeros(1, 2, 4, 6))
+    with pytest.raises(ValueError, match=r"\(B, 2, H, W\)"):
+        backward_warp(torch.zeros(1, 3, 4, 5), torch.zeros(1, 3, 4, 5))
+
+
+# ---------------------------------------------------------------------------------------- resize
+def test_resize_flow_scales_each_component_by_its_own_ratio():
+    flow = constant_flow(2, 8, 12, 3.0, -2.0)
+    out = resize_flow(flow, (4, 24))  # height halves, width doubles
+    assert out.shape == (2, 2, 4, 24)
+    assert torch.allclose(out[:, 0], torch.full((2, 4, 24), 6.0))
+    assert torch.allclose(out[:, 1], torch.full((2, 4, 24), -1.0))
+    assert resize_flow(flow, (8, 12)) is flow
+
+
+def test_resize_flow_keeps_warping_consistent():
+    # A smooth image under a smooth flow; halving both and warping must agree with warping and
+    # then halving, in the interior (both are approximations of the same continuous warp).
+    H, W = 64, 96
+    g = pixel_grid(H, W)
+    image = (torch.sin(g[0] / 7.0) + torch.cos(g[1] / 5.0)).view(1, 1, H, W)
+    flow = torch.stack((2.0 + 0.02 * g[1], -1.0 + 0.01 * g[0])).unsqueeze(0)
+    full, _ = backward_warp(image, flow)
+    half_image = torch.nn.functional.interpolate(image, size=(32, 48), mode="bilinear", align_corners=False)
+    half, _ = backward_warp(half_image, resize_flow(flow, (32, 48)))
+    full_half = torch.nn.functional.interpolate(full, size=(32, 48), mode="bilinear", align_corners=False)
+    interior = (slice(None), slice(None), slice(4, -4), slice(4, -4))
+    assert (half - full_half)[interior].abs().max() < 0.05
+    # Without the rescaling the error is an order of magnitude larger.
+    wrong, _ = backward_warp(half_image, torch.nn.functional.interpolate(flow, size=(32, 48), mode="bilinear"))
+    assert (wrong - full_half)[interior].abs().max() > 0.3
+
+
+# ------------------------------------------------------------------------------------- occlusion
+def mask_of(rows, cols, H, W):
+    m = torch.zeros(1, 1, H, W)
+    m[0, 0, rows, cols] = 1
+    return m
+
+
+@pytest.mark.parametrize("tx,ty", [(3, 0), (-2, 0), (0, 4), (2, -3)])
+def test_translation_occludes_exactly_the_strip_that_leaves(tx, ty):
+    H, W = 12, 15
+    flow_fw = constant_flow(1, H, W, tx, ty)  # F_i->i+t: frame i's content moves by (tx, ty)
+    flow_bw = constant_flow(1, H, W, -tx, -ty)  # F_i+t->i
+    expected = torch.zeros(1, 1, H, W)
+    gx = pixel_grid(H, W)
+    leaves = (gx[0] + tx < 0) | (gx[0] + tx > W - 1) | (gx[1] + ty < 0) | (gx[1] + ty > H - 1)
+    expected[0, 0][leaves] = 1
+    assert torch.equal(occlusion_mask(flow_bw), expected)
+    assert torch.equal(fb_occlusion(flow_fw, flow_bw), expected)
+    assert torch.equal(range_map(flow_bw), 1 - expected)
+
+
+def test_fractional_translation_within_one_pixel_of_the_strip():
+    H, W = 10, 20
+    for tx in (2.3, 2.5, 2.7):
+        occ = occlusion_mask(constant_flow(1, H, W, -tx, 0.0))[0, 0]
+        # Columns x + tx > W - 1 leave; the boundary column may go either way (a one-pixel band).
+        assert occ[:, : W - 1 - math.ceil(tx)].eq(0).all()
+        assert occ[:, W - math.floor(tx):].eq(1).all()
+        assert occ[:, W - 1 - math.ceil(tx) + 1: W - math.floor(tx)].numel() <= H * 1
+
+
+def square_scene(H=24, W=32, top=6, left=8, size=7, dx=4, dy=3):
+    """A square at (top, left) in frame i moving by (dx, dy) over a static background.
+    Returns F_i->i+t, F_i+t->i, the square's masks in both frames."""
+    sq_i = mask_of(slice(top, top + size), slice(left, left + size), H, W)
+    sq_j = mask_of(slice(top + dy, top + dy + size), slice(left + dx, left + dx + size), H, W)
+    flow_fw = torch.cat((sq_i * dx, sq_i * dy), 1)  # (1, 2, H, W) on frame i
+    flow_bw = torch.cat((-sq_j * dx, -sq_j * dy), 1)  # on frame i+t
+    return flow_fw, flow_bw, sq_i, sq_j
+
+
+def test_moving_square_occludes_the_background_it_covers():
+    flow_fw, flow_bw, sq_i, sq_j = square_scene()
+    covered = sq_j * (1 - sq_i)  # background of frame i hidden by the square in frame i+t
+    uncovered = sq_i * (1 - sq_j)  # background of frame i+t that the square revealed
+    assert torch.equal(occlusion_mask(flow_bw), covered)  # frame i, from F_i+t->i
+    assert torch.equal(occlusion_mask(flow_fw), uncovered)  # frame i+t, from F_i->i+t
+    assert torch.equal(fb_occlusion(flow_fw, flow_bw), covered)
+    assert torch.equal(fb_occlusion(flow_bw, flow_fw), uncovered)
+
+
+def similarity_scene(H, W, scale=1.0, angle=0.0):
+    """Frame i+t = frame i zoomed by `scale` and rotated by `angle` about the image centre.
+    Returns F_i->i+t (exact), F_i+t->i (exact) and the exact occlusion of frame i: the pixels
+    whose forward target leaves the image, with the band of pixels within one pixel of that
+    boundary (where the range map's bilinear footprint may decide either way)."""
+    g = pixel_grid(H, W, dtype=torch.float64)
+    c = torch.tensor([(W - 1) / 2, (H - 1) / 2], dtype=torch.float64).view(2, 1, 1)
+    cos, sin = math.cos(angle), math.sin(angle)
+
+    def forward_map(p, s, a_cos, a_sin):  # rotate by angle, scale by s about c
+        d = p - c
+        return c + s * torch.stack((a_cos * d[0] - a_sin * d[1], a_sin * d[0] + a_cos * d[1]))
+
+    target = forward_map(g, scale, cos, sin)
+    source = forward_map(g, 1 / scale, cos, -sin)
+    flow_fw = (target - g).unsqueeze(0).float()
+    flow_bw = (source - g).unsqueeze(0).float()
+    tx, ty = target[0], target[1]
+    leaves = (tx < 0) | (tx > W - 1) | (ty < 0) | (ty > H - 1)
+    margin = 1.0 * max(scale, 1.0)
+    band = ((tx > -margin) & (tx < margin)) | ((tx > W - 1 - margin) & (tx < W - 1 + margin)) \
+        | ((ty > -margin) & (ty < margin)) | ((ty > H - 1 - margin) & (ty < H - 1 + margin))
+    return flow_fw, flow_bw, leaves.float().view(1, 1, H, W), band.view(1, 1, H, W)
+
+
+@pytest.mark.parametrize("scale,angle", [(1.15, 0.0), (1.0, 0.12), (1.1, -0.08)])
+def test_zoom_and_rotation_occlude_what_leaves_the_view(scale, angle):
+    H, W = 40, 56
+    flow_fw, flow_bw, expected, band = similarity_scene(H, W, scale, angle)
+    for occ in (occlusion_mask(flow_bw), fb_occlusion(flow_fw, flow_bw)):
+        assert torch.equal(occ[~band], expected[~band])
+        assert expected.sum() > 50  # the scene does occlude something
+    assert band.float().mean() < 0.25
+
+
+def test_zoom_out_occludes_nothing_in_the_earlier_frame():
+    # Frame i+t is frame i shrunk by 0.85: all of frame i stays visible; only frame i+t's border
+    # is new content. The range map of the spread-out pixels stays above the 0.5 threshold.
+    H, W = 40, 56
+    flow_fw, flow_bw, expected, _ = similarity_scene(H, W, scale=0.85)
+    assert expected.sum() == 0
+    assert occlusion_mask(flow_bw).sum() == 0
+    assert fb_occlusion(flow_fw, flow_bw).sum() == 0
+    assert range_map(flow_bw).min() > 0.5
+    # ...while frame i+t's new border is occluded with respect to frame i.
+    assert occlusion_mask(flow_fw)[0, 0, :, 0].eq(1).all() and occlusion_mask(flow_fw)[0, 0, H // 2, W // 2] == 0
+
+
+def test_fb_occlusion_thresholds():
+    H, W = 4, 4
+    fw = constant_flow(1, H, W, 0.0, 0.0)
+    # Zero forward flow, backward flow of length r at the same place: occluded iff r^2 > 0.01 r^2 + 0.5.
+    for r, occluded in ((0.7, False), (0.72, True)):
+        bw = constant_flow(1, H, W, r, 0.0)
+        assert fb_occlusion(fw, bw)[0, 0, 1, 1].item() == float(occluded)
+    # Relative term: |fw + bw|^2 = 1 with |fw| = 10: 1 < 0.01 * (100 + 81) + 0.5 -> consistent.
+    fw = constant_flow(1, 30, 30, 10.0, 0.0)
+    bw = constant_flow(1, 30, 30, -9.0, 0.0)
+    assert fb_occlusion(fw, bw)[0, 0, 5, 5] == 0
+    assert fb_occlusion(fw, bw)[0, 0, 5, 25] == 1  # 25 + 10 > 29: leaves the image
+
+
+def test_occlusion_masks_carry_no_gradient():
+    flow = torch.randn(1, 2, 6, 7, requires_grad=True)
+    assert not occlusion_mask(flow).requires_grad
+    assert not fb_occlusion(flow, -flow).requires_grad
+
+
+# ----------------------------------------------------------------------------------- correlation
+def naive_correlation(f1, f2, d, s):
+    """The definition, one displacement and one pixel at a time."""
+    B, C, H, W = f1.shape
+    D = 2 * (d // s) + 1
+    out = torch.zeros(B, D * D, H, W, dtype=f1.dtype)
+    for iy, dy in enumerate(range(-d, d + 1, s)):
+        for ix, dx in enumerate(range(-d, d + 1, s)):
+            for y in range(H):
+                for x in range(W):
+                    if 0 <= y + dy < H and 0 <= x + dx < W:
+                        out[:, iy * D + ix, y, x] = (f1[:, :, y, x] * f2[:, :, y + dy, x + dx]).mean(1)
+    return out
+
+
+@pytest.mark.parametrize("B,C,H,W,d,s", [(2, 3, 5, 7, 2, 1), (1, 4, 7, 5, 4, 2), (3, 2, 6, 9, 6, 3), (2, 5, 3, 11, 4, 4)])
+def test_correlation_matches_the_definition(B, C, H, W, d, s):
+    torch.manual_seed(B * 100 + d)
+    f1 = torch.randn(B, C, H, W, dtype=torch.float64)
+    f2 = torch.randn(B, C, H, W, dtype=torch.float64)
+    out = correlation(f1, f2, d, s)
+    assert out.shape == (B, (2 * (d // s) + 1) ** 2, H, W)
+    assert torch.allclose(out, naive_correlation(f1, f2, d, s), atol=1e-12)
+    assert torch.allclose(correlation(f1, f2, d, s, normalize=False), out * C, atol=1e-12)
+
+
+def test_correlation_channel_order_and_default_size():
+    # One bright pixel in f2 at (y, x) = (4, 7); f1 all ones: the response at f1 pixel (2, 3) is in
+    # channel k = iy * D + ix with dy = 2, dx = 4 at stride 2 -> iy = (2 + 20) / 2, ix = (4 + 20) / 2.
+    f1 = torch.ones(1, 1, 10, 12)
+    f2 = torch.zeros(1, 1, 10, 12)
+    f2[0, 0, 4, 7] = 1
+    out = correlation(f1, f2)
+    assert out.shape == (1, 441, 10, 12)
+    k = 11 * 21 + 12
+    assert out[0, k, 2, 3] == 1 and out[0, k].sum() == 1
+    # The pixel is seen from every f1 pixel at an even offset: y in {0, 2, 4, 6, 8}, x odd (6 of them).
+    assert out.sum() == 30
+
+
+def test_correlation_gradcheck():
+    f1 = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    f2 = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: correlation(a, b, 2, 1), (f1, f2))
+
+
+def test_correlation_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="multiple of stride"):
+        correlation(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), 5, 2)
+    with pytest.raises(ValueError, match="must be equal"):
+        correlation(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4))

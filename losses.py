@@ -1,0 +1,301 @@
+"""Training losses of both papers, as pure functions.
+
+EFC ("Every Frame Counts", AAAI 2020), sections "Temporally Consistent Constraint", "Occlusion
+Estimation", "Optical Flow Estimation" and "Joint Learning":
+  eq. (2)  L_cons, feature consistency across the flow          -> consistency_loss
+  eq. (4)  L_occ, occlusion against the range-map target O_hat  -> occlusion_loss
+  eq. (5)  O_seg and the error mask O_error                     -> segmentation_mismatch, error_map
+  eq. (6)  G and the photometric loss L_pm                      -> ssim, photometric_map, photometric_loss
+  eq. (7)  edge-aware smoothness L_sm                           -> smoothness_loss
+  eq. (8)  L_seg, cross-entropy (+ the PSPNet auxiliary loss)   -> segmentation_loss
+  eq. (9)  the total, with the ablation switches of Tables 1, 2 -> efc_loss
+Flow2Seg ("Motion-Aided Semantic Segmentation"), section 3.4:
+  eq. (1)  L = L_image + L_fusion + 0.2 L_flow + 0.4 L_aux      -> flow2seg_loss
+
+Conventions are warp.py's: flow (B, 2, H, W) u first, in pixels of its own grid;
+backward_warp(x_b, F_a->b) brings b's content onto a's grid (EFC eq. (1)); occlusion 1 = occluded.
+Labels are int64 (B, H, W) with 255 = ignore. The paper's sums over pixels sum_xy become means over
+pixels, so that the lambdas of eq. (9) do not depend on the crop size.
+Photometric, SSIM, smoothness and occlusion terms run in float32 even under autocast.
+"""
+import torch
+import torch.nn.functional as F
+
+import data
+import warp
+
+IGNORE_INDEX = 255
+BETA = 0.85  # EFC eq. (6), following Yin and Shi 2018
+ALPHA_OCC = 0.2  # EFC eq. (4), "0.2 is the best"
+SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # Wang et al. 2004 with a dynamic range of 1
+# EFC writes exp(-|grad I|) without a constant. On [0, 1] images neighbouring pixels differ by
+# 0.01-0.1, so exp(-|dI|) stays in [0.9, 1] and sees no edges; with 10 a 0.1 step (a visible edge)
+# scales the penalty by e^-1 and a 0.3 step by 0.05 (ARFlow's first-order smoothness uses 10 too).
+EDGE_WEIGHT = 10.0
+NORM_EPS = 1e-6  # sqrt(|d|^2 + eps): finite gradient at d = 0, a bias of at most 1e-3 per pixel
+AUX_WEIGHT = 0.4  # PSPNet's auxiliary loss (Zhao et al. 2017), also Flow2Seg's beta
+EFC_WEIGHTS = {"cons": 10.0, "occ": 0.4, "sm": 0.5}  # EFC "Implementation Details"
+FLOW2SEG_ALPHA = 0.2  # Flow2Seg eq. (1): weight of L_Flow2Seg
+TERMS = ("seg", "cons", "occ", "sm", "pm")
+
+
+def masked_mean(x, mask=None):
+    """Mean of x over the elements where mask is 1; all elements without a mask.
+
+    mask is a 0/1 map broadcastable to x; the count is clamped at 1, so an empty mask (all-ignore
+    labels, or a zero-size map) gives exactly 0, never NaN. Every reduction below goes through here.
+    """
+    if mask is None:
+        return x.sum() / max(x.numel(), 1)
+    mask = mask.to(x.dtype).expand_as(x)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _no_autocast(x):
+    """A region where autocast is off on x's device: the terms inside are computed in float32."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def resize_image(image, size):
+    """Resample an image (B, C, H, W) to a decoder grid `size` = (h, w) by area averaging.
+
+    Area (each coarse pixel is the mean of the fine pixels it covers) is anti-aliased, has no
+    parameter to tune, and is the image a camera with larger pixels would record.
+    """
+    if tuple(image.shape[2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=tuple(size), mode="area")
+
+
+def ssim(x, y):
+    """Per-pixel SSIM (Wang et al. 2004) of two images (B, C, H, W) in [0, 1] -> (B, C, H, W).
+
+    Local statistics come from a 3x3 mean window, a simplification of the original 11x11 Gaussian.
+    Borders: reflection padding of 1 before the 3x3 average, so the output has the input's size.
+    """
+    if x.dim() != 4 or x.shape != y.shape:
+        raise ValueError(f"ssim: x {tuple(x.shape)} and y {tuple(y.shape)} must be equal (B, C, H, W)")
+    # A map one pixel thick (a coarse decoder scale of a small input) cannot be reflected: replicate.
+    mode = "reflect" if min(x.shape[2:]) > 1 else "replicate"
+    with _no_autocast(x):
+        x, y = x.float(), y.float()
+
+        def mean3x3(t):
+            return F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode=mode), kernel_size=3, stride=1)
+
+        mu_x, mu_y = mean3x3(x), mean3x3(y)
+        sigma_x = mean3x3(x * x) - mu_x ** 2
+        sigma_y = mean3x3(y * y) - mu_y ** 2
+        sigma_xy = mean3x3(x * y) - mu_x * mu_y
+        return ((2 * mu_x * mu_y + SSIM_C1) * (2 * sigma_xy + SSIM_C2)
+                / ((mu_x ** 2 + mu_y ** 2 + SSIM_C1) * (sigma_x + sigma_y + SSIM_C2)))
+
+
+def photometric_map(I, I_warped):
+    """The loss map G of two images (B, 3, H, W) in [0, 1] -> (B, 1, H, W), mean over colours."""
+    with _no_autocast(I):
+        I, I_warped = I.float(), I_warped.float()
+        dssim = ((1 - ssim(I, I_warped)) / 2).clamp(0, 1)  # (B, 3, H, W)
+        # EFC eq. (6): G(I, I') = beta (1 - SSIM(I, I')) / 2 + (1 - beta) |I - I'|_1
+        G = BETA * dssim + (1 - BETA) * (I - I_warped).abs()
+        return G.mean(1, keepdim=True)  # (B, 1, H, W)
+
+
+def photometric_loss(I_a, I_b, flow_ab, O_est_a, O_error_a):
+    """L_pm of one scale and direction: frame b warped onto a by F_a->b, compared with frame a.
+
+    I_a, I_b: (B, 3, h, w) in [0, 1] on the flow's grid; flow_ab: (B, 2, h, w);
+    O_est_a, O_error_a: (B, 1, h, w) or 0. O_est keeps its gradient (eq. (4)'s penalty balances it).
+    Not masked by the warp's `valid`: leaving the image is occlusion, learned by O_est (EFC calls
+    in-and-out of image occlusion), and a mask would let the flow escape the loss by pointing outside.
+    """
+    I_b_warped, _ = warp.backward_warp(I_b, flow_ab)  # (B, 3, h, w) float32, 0 outside
+    with _no_autocast(I_a):
+        G = photometric_map(I_a, I_b_warped)  # (B, 1, h, w)
+        # EFC eq. (6): L_pm = sum_xy G(I, I') * (1 + O_error - O_est)
+        return masked_mean(G * (1 + O_error_a - O_est_a))
+
+
+def smoothness_loss(flow, image):
+    """L_sm of one scale, first order and edge-aware.
+
+    flow: (B, 2, h, w) in pixels of its own grid (no further normalisation: a flow's gradient in its
+    own grid's pixels is the same at every scale); image: (B, 3, h, w) in [0, 1] on that grid.
+    |grad F| is |du| + |dv| (L1); |grad I| is the mean over colours of the absolute difference.
+    """
+    with _no_autocast(flow):
+        flow, image = flow.float(), image.float()
+        dF_dx = (flow[..., :, 1:] - flow[..., :, :-1]).abs().sum(1, keepdim=True)  # (B, 1, h, w-1)
+        dF_dy = (flow[..., 1:, :] - flow[..., :-1, :]).abs().sum(1, keepdim=True)  # (B, 1, h-1, w)
+        dI_dx = (image[..., :, 1:] - image[..., :, :-1]).abs().mean(1, keepdim=True)  # (B, 1, h, w-1)
+        dI_dy = (image[..., 1:, :] - image[..., :-1, :]).abs().mean(1, keepdim=True)  # (B, 1, h-1, w)
+        # EFC eq. (7): L_sm = sum_xy |grad F| * exp(-|grad I|), with exp(-EDGE_WEIGHT |grad I|)
+        return (masked_mean(dF_dx * torch.exp(-EDGE_WEIGHT * dI_dx))
+                + masked_mean(dF_dy * torch.exp(-EDGE_WEIGHT * dI_dy)))
+
+
+def consistency_loss(S_a, S_b, flow_ab, O_est_a):
+    """L_cons of one direction on the shared encoder's features.
+
+    S_a, S_b: (B, C_S, h8, w8); flow_ab: (B, 2, h, w) the finest flow (the network's best estimate),
+    resized and rescaled to the features' grid; O_est_a: (B, 1, h, w) resized bilinearly, or 0.
+    Gradient reaches S_a, S_b, the flow and O_est. Not masked by `valid`, as in photometric_loss.
+    """
+    size = S_a.shape[2:]
+    flow = warp.resize_flow(flow_ab, size)  # (B, 2, h8, w8) in feature pixels
+    if torch.is_tensor(O_est_a):
+        O_est_a = F.interpolate(O_est_a.float(), size=size, mode="bilinear", align_corners=False)  # (B, 1, h8, w8)
+    S_b_warped, _ = warp.backward_warp(S_b, flow)  # S' = Warp(S_b, F_a->b), (B, C_S, h8, w8) float32
+    difference = S_a.to(S_b_warped.dtype) - S_b_warped  # (B, C_S, h8, w8)
+    distance = torch.sqrt(difference.pow(2).sum(1, keepdim=True) + NORM_EPS)  # (B, 1, h8, w8)
+    # EFC eq. (2): L_cons = sum_xy (1 - O_est) ||S - S'||_2
+    return masked_mean((1 - O_est_a) * distance)
+
+
+def occlusion_loss(O_est_a, flow_ba, alpha=ALPHA_OCC):
+    """L_occ of one scale and direction.
+
+    O_est_a: (B, 1, h, w) sigmoid probabilities of frame a; flow_ba: (B, 2, h, w) the backward flow
+    F_b->a, from which O_hat_a = warp.occlusion_mask (EFC eq. (3), a detached target).
+    F.binary_cross_entropy clamps its log at -100 (no log(0)) and refuses autocast: float32 block.
+    A larger alpha penalises occlusion more and moves the optimum toward less occlusion.
+    """
+    if O_est_a.shape[2:] != flow_ba.shape[2:] or O_est_a.shape[1] != 1:
+        raise ValueError(f"occlusion_loss: O_est {tuple(O_est_a.shape)} must be (B, 1, h, w) "
+                         f"on the grid of flow {tuple(flow_ba.shape)}")
+    O_hat = warp.occlusion_mask(flow_ba).float()  # (B, 1, h, w), no gradient
+    with _no_autocast(O_est_a):
+        O_est = O_est_a.float()
+        # EFC eq. (4): L_occ = sum_xy -log p(O_est = O_hat) - alpha exp(-O_est)
+        return masked_mean(F.binary_cross_entropy(O_est, O_hat, reduction="none") - alpha * torch.exp(-O_est))
+
+
+@torch.no_grad()
+def segmentation_mismatch(logits_a, logits_b, flow_ab):
+    """O_seg of frame a on the flow's grid: 1 where a's segmentation disagrees with b's warped onto a.
+
+    logits_a, logits_b: (B, K, H, W); flow_ab: (B, 2, h, w). Both are resized bilinearly to (h, w);
+    M' is the argmax of b's softmax warped bilinearly ("warped segmentation prediction with bilinear
+    interpolation"). Where the flow leaves the image there is no correspondence: O_seg = 1.
+    Returns (B, 1, h, w) float, no gradient.
+    """
+    size = flow_ab.shape[2:]
+    with _no_autocast(logits_a):
+        logits_a = F.interpolate(logits_a.float(), size=size, mode="bilinear", align_corners=False)  # (B, K, h, w)
+        logits_b = F.interpolate(logits_b.float(), size=size, mode="bilinear", align_corners=False)  # (B, K, h, w)
+        M = logits_a.argmax(1, keepdim=True)  # (B, 1, h, w)
+        P_b = logits_b.softmax(1)  # (B, K, h, w)
+        P_b_warped, valid = warp.backward_warp(P_b, flow_ab)  # (B, K, h, w), (B, 1, h, w)
+        M_warped = P_b_warped.argmax(1, keepdim=True)  # (B, 1, h, w), M'
+        # EFC eq. (5): O_seg = (M != M'), and 1 where the flow leaves the image
+        return ((M != M_warped) | (valid == 0)).float()
+
+
+@torch.no_grad()
+def error_map(O_seg, O_est):
+    """O_error (B, 1, h, w) from O_seg and O_est (B, 1, h, w), or O_est = 0; a detached weight."""
+    # EFC eq. (5): O_error = max(O_seg - O_est, 0)
+    return (O_seg - O_est).clamp(min=0)
+
+
+def segmentation_loss(logits, labels, aux=None):
+    """L_seg: cross-entropy (B, K, H, W) vs labels (B, H, W), ignore 255, + 0.4 x the same on aux.
+
+    Averaged over labelled pixels only; a batch whose labels are all 255 gives exactly 0.
+    """
+    if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"segmentation_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+                         "must be (B, K, H, W) and (B, H, W)")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"segmentation_loss: labels must be int64, got {labels.dtype}")
+
+    def cross_entropy(x):
+        # EFC eq. (8): L_seg = -sum_xy log p(M = M_gt)
+        ce = F.cross_entropy(x.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B, H, W)
+        return masked_mean(ce, labels != IGNORE_INDEX)
+
+    return cross_entropy(logits) + (AUX_WEIGHT * cross_entropy(aux) if aux is not None else 0)
+
+
+def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, consistency=True,
+             flow_only=False, frozen_flow=False):
+    """EFC eq. (9) on one pair: returns (total, terms), terms the unweighted L_seg, L_cons, L_occ,
+    L_sm, L_pm as detached tensors ('seg', 'cons', 'occ', 'sm', 'pm'; a dropped term is 0).
+
+    outputs: EFCNet.forward_pair's dict (see model.py); batch: 'image_a', 'image_b' (B, 3, H, W)
+    ImageNet-normalised, 'label_a', 'label_b' (B, H, W) int64 (all 255 for an unlabelled frame).
+    weights: overrides of EFC_WEIGHTS. Per direction, L_pm, L_sm and L_occ are averaged over the
+    decoder scales with equal weights (so their size does not depend on the number of scales) and
+    the two directions are summed (the paper writes each loss per direction, "two directions").
+    Ablation switches (EFC Tables 1 and 2):
+      occlusion=False    O_est = 0 in every weight, no L_occ (Table 1 rows without "OM"; Table 2 "UL + TC")
+      error_mask=False   O_error = 0 (Table 2 "UL + OE + TC")
+      consistency=False  no L_cons
+      flow_only=True     Table 2 "UL" (with occlusion: "UL + OE"): L = L_pm + 0.5 L_sm (+ 0.4 L_occ);
+                         no segmentation, so no L_seg, L_cons or O_error (logits may be None)
+      frozen_flow=True   Table 1 "TCC_fix": no L_pm, L_sm, L_occ; L_cons uses a detached flow and O_est
+    """
+    if flow_only and frozen_flow:
+        raise ValueError("efc_loss: flow_only trains only the flow and frozen_flow freezes it: choose one")
+    if frozen_flow and not consistency:
+        raise ValueError("efc_loss: frozen_flow without consistency leaves no term that uses the flow")
+    unknown = set(weights or {}) - set(EFC_WEIGHTS)
+    if unknown:
+        raise ValueError(f"efc_loss: unknown weights {sorted(unknown)}, expected keys of {sorted(EFC_WEIGHTS)}")
+    lam = {**EFC_WEIGHTS, **(weights or {})}
+    if not flow_only and outputs["logits_a"] is None:
+        raise ValueError("efc_loss: outputs hold no segmentation (a flow-only model): pass flow_only=True")
+    flows = {"a": outputs["flow_ab"], "b": outputs["flow_ba"]}
+    occ = {"a": outputs["occ_a"], "b": outputs["occ_b"]}
+    n_scales = len(flows["a"])
+    if len(flows["b"]) != n_scales or (occlusion and not len(occ["a"]) == len(occ["b"]) == n_scales):
+        raise ValueError("efc_loss: flow_ab, flow_ba (and occ_a, occ_b) must hold the same number of scales")
+    with _no_autocast(batch["image_a"]):
+        images = {"a": data.denormalize(batch["image_a"].float()),
+                  "b": data.denormalize(batch["image_b"].float())}  # (B, 3, H, W) in [0, 1]
+    logits = {"a": outputs["logits_a"], "b": outputs["logits_b"]}
+    features = {"a": outputs["S_a"], "b": outputs["S_b"]}
+    terms = {name: torch.zeros((), device=images["a"].device) for name in TERMS}
+    use_error = error_mask and not flow_only
+
+    for a, b in (("a", "b"), ("b", "a")):  # direction a <- b: frame b warped onto frame a by F_a->b
+        if not frozen_flow:
+            for level in range(n_scales):
+                flow_ab, flow_ba = flows[a][level], flows[b][level]  # (B, 2, h, w) each
+                size = flow_ab.shape[2:]
+                I_a, I_b = resize_image(images[a], size), resize_image(images[b], size)  # (B, 3, h, w)
+                O_est = occ[a][level] if occlusion else 0  # (B, 1, h, w)
+                O_error = error_map(segmentation_mismatch(logits[a], logits[b], flow_ab), O_est) if use_error else 0
+                terms["pm"] = terms["pm"] + photometric_loss(I_a, I_b, flow_ab, O_est, O_error) / n_scales
+                terms["sm"] = terms["sm"] + smoothness_loss(flow_ab, I_a) / n_scales
+                if occlusion:
+                    terms["occ"] = terms["occ"] + occlusion_loss(O_est, flow_ba) / n_scales
+        if consistency and not flow_only:
+            flow_ab = flows[a][0].detach() if frozen_flow else flows[a][0]  # finest scale
+            O_est = (occ[a][0].detach() if frozen_flow else occ[a][0]) if occlusion else 0
+            terms["cons"] = terms["cons"] + consistency_loss(features[a], features[b], flow_ab, O_est)
+
+    if not flow_only:
+        labels = torch.cat((batch["label_a"], batch["label_b"]))  # (2B, H, W), both frames together
+        aux = torch.cat((outputs["aux_a"], outputs["aux_b"])) if outputs.get("aux_a") is not None else None
+        terms["seg"] = segmentation_loss(torch.cat((logits["a"], logits["b"])), labels, aux)
+    # EFC eq. (9): L = L_seg + lambda_cons L_cons + lambda_occ L_occ + lambda_sm L_sm + L_pm
+    total = (terms["seg"] + lam["cons"] * terms["cons"] + lam["occ"] * terms["occ"]
+             + lam["sm"] * terms["sm"] + terms["pm"])
+    return total, {name: value.detach() for name, value in terms.items()}
+
+
+def flow2seg_loss(outputs, labels, alpha=FLOW2SEG_ALPHA, beta=AUX_WEIGHT):
+    """Flow2Seg eq. (1) -> (total, terms): terms 'image', 'fusion', 'flow', 'aux' unweighted, detached.
+
+    outputs: Flow2SegNet's dict, 'logits' (fused), 'image_logits', 'flow_logits', 'aux' (B, K, H, W)
+    ('aux' may be None: its term is then 0); labels (B, H, W) int64, 255 = ignore. Every term is
+    the cross-entropy of segmentation_loss (its eq. (8) form), without the EFC auxiliary weight.
+    """
+    terms = {name: segmentation_loss(outputs[key], labels)
+             for name, key in (("image", "image_logits"), ("fusion", "logits"), ("flow", "flow_logits"))}
+    aux = outputs.get("aux")
+    terms["aux"] = segmentation_loss(aux, labels) if aux is not None else torch.zeros((), device=labels.device)
+    # Flow2Seg eq. (1): L = L_Image2Seg + L_Fusion + alpha L_Flow2Seg + beta L_Aux
+    total = terms["image"] + terms["fusion"] + alpha * terms["flow"] + beta * terms["aux"]
+    return total, {name: value.detach() for name, value in terms.items()}

@@ -295,3 +295,19 @@ def test_correlation_rejects_bad_arguments():
         correlation(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), 5, 2)
     with pytest.raises(ValueError, match="must be equal"):
         correlation(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4))
+
+
+def test_warp_agrees_with_grid_sample_inside_the_image():
+    # An independent implementation: grid_sample with align_corners=True and coordinates
+    # normalised by W - 1 and H - 1 samples the same bilinear interpolant; inside the image the two
+    # agree to float32 rounding, outside ours is 0 where grid_sample blends with zero padding.
+    torch.manual_seed(3)
+    B, C, H, W = 2, 3, 17, 23
+    x = torch.randn(B, C, H, W)
+    flow = 4 * torch.randn(B, 2, H, W)
+    ours, valid = backward_warp(x, flow)
+    pos = pixel_grid(H, W) + flow
+    grid = torch.stack((2 * pos[:, 0] / (W - 1) - 1, 2 * pos[:, 1] / (H - 1) - 1), dim=-1)  # (B, H, W, 2)
+    reference = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    assert valid.mean() > 0.5
+    assert torch.allclose(ours, reference * valid, atol=1e-5)

@@ -117,9 +117,9 @@ def resize_flow(flow, size):
     _check_flow(flow)
     H, W = flow.shape[2:]
     H_new, W_new = int(size[0]), int(size[1])
-    if (H_new, W_new) == (H, W):
-        return flow
     dtype = _geometry_dtype(flow)
+    if (H_new, W_new) == (H, W):
+        return flow.to(dtype)
     with torch.autocast(device_type=flow.device.type, enabled=False):
         out = F.interpolate(flow.to(dtype), size=(H_new, W_new), mode="bilinear", align_corners=False)
         scale = torch.tensor([W_new / W, H_new / H], dtype=dtype, device=flow.device).view(1, 2, 1, 1)

@@ -104,7 +104,8 @@ def test_resize_flow_scales_each_component_by_its_own_ratio():
     assert out.shape == (2, 2, 4, 24)
     assert torch.allclose(out[:, 0], torch.full((2, 4, 24), 6.0))
     assert torch.allclose(out[:, 1], torch.full((2, 4, 24), -1.0))
-    assert resize_flow(flow, (8, 12)) is flow
+    assert resize_flow(flow, (8, 12)) is flow  # float32 already: no copy
+    assert resize_flow(flow.half(), (8, 12)).dtype == torch.float32
 
 
 def test_resize_flow_keeps_warping_consistent():

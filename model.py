@@ -1,0 +1,586 @@
+"""The networks of both papers: ResNet backbones, PSPNet, EFC's joint segmentation-and-flow network
+and Flow2Seg's image + flow network, plus a parameter/FLOP summary.
+
+Covers
+  Flow2Seg 3.1  dilated ResNet (output stride 8); 2-channel ResNet-18 for flow; FCN head
+                                                                -> resnet, load_pretrained, fcn_head
+  Flow2Seg 3.2  Image2Seg = PSPNet: pyramid pooling, auxiliary head  -> PyramidPooling, PSPNet
+  Flow2Seg 3.3  residual fusion                                  -> ResidualFusion, Flow2SegNet
+  EFC "Framework Overview": shared encoder = ResNet layers 1-3, segmentation decoder = layer 4 +
+                PSP head, flow decoder on the features of both frames -> EFCNet
+  EFC "Implementation Details": FlowNetS modified to share the encoder, with a FlowNetC correlation
+                and two 3x3 occlusion convs (32, 1 channels)     -> FlowDecoder
+  `summary` and the command line (`python model.py --net efc --backbone resnet101 --size 713 713`)
+  print parameters and FLOPs per module.
+
+Conventions (see warp.py): images arrive normalised with the ImageNet mean/std (data.normalize);
+nothing here re-normalises. A flow is (B, 2, H, W), u (x, right) first, v (y, down) second, in
+pixels of its own grid. Occlusion 1 = occluded. Every network's forward returns a dict.
+"H/4", "H/8", ... in shape comments mean the grid of that stride; each stride-2 layer rounds up
+(97 -> 49 -> 25 -> 13 -> 7 -> 4 -> 2).
+"""
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import warp
+
+# FlowNet trains on flow / 20 (Dosovitskiy et al. 2015), which keeps targets and predictions O(1).
+# Our flow decoder predicts in these units at every scale; Flow2Seg feeds flow / 20 to its flow path.
+FLOW_DIV = 20.0
+FLOW_INPUT_SCALE = 1.0 / FLOW_DIV
+
+
+def upsample(x, size):
+    """Bilinear resize of logits or features to `size`. Everywhere in this file: align_corners=False."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def check_input(x, channels, name):
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name} must be (B, {channels}, H, W), got shape {tuple(x.shape)}")
+
+
+def init_weights(module):
+    """torchvision's ResNet initialisation, used for every module here (the papers are silent):
+    convs kaiming-normal (fan_out, ReLU gain), biases 0, BatchNorm weight 1 and bias 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# ResNet (He et al. 2016) with torchvision's parameter names, so that torchvision's ImageNet files
+# load unchanged. The stem is torchvision's (one 7x7 conv), not the three 3x3 convs of semseg's
+# "deep stem" PSPNet: the deep-stem weights are not torchvision's ImageNet weights.
+# ---------------------------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    expansion = 1  # output channels = planes * expansion
+
+    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        # A dilated BasicBlock dilates both of its 3x3 convs; padding = dilation keeps the size.
+        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        # torchvision's "ResNet v1.5": the stride sits on the 3x3 conv, not on the first 1x1.
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+RESNET_LAYOUT = {  # depth -> (block, blocks in layer1..layer4), He et al. 2016 Table 1
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+def make_layer(block, in_channels, planes, blocks, stride, dilation):
+    out_channels = planes * block.expansion
+    downsample = None
+    if stride != 1 or in_channels != out_channels:  # the shortcut must match the block's output
+        downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                   nn.BatchNorm2d(out_channels))
+    layers = [block(in_channels, planes, stride, dilation, downsample)]
+    layers += [block(out_channels, planes, 1, dilation) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+class ResNet(nn.Module):
+    """conv1, bn1, relu, maxpool, layer1..layer4; no fc. forward(x) returns layer4's output."""
+
+    def __init__(self, block, blocks, dilated=True, in_channels=3):
+        super().__init__()
+        self.in_channels = in_channels
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths = (64, 128, 256, 512)
+        # Flow2Seg 3.1 / PSPNet: stride 1 in layer3 and layer4 with dilation 2 and 4 -> output
+        # stride 8. As in semseg, *every* block of layer3 has dilation 2 and every block of
+        # layer4 dilation 4 (torchvision's replace_stride_with_dilation keeps the first block of
+        # each at the previous dilation; the parameters are the same either way).
+        strides, dilations = ((1, 2, 1, 1), (1, 1, 2, 4)) if dilated else ((1, 2, 2, 2), (1, 1, 1, 1))
+        self.layer_channels = tuple(w * block.expansion for w in widths)  # outputs of layer1..layer4
+        inputs = (64,) + self.layer_channels[:3]
+        self.layer1 = make_layer(block, inputs[0], widths[0], blocks[0], strides[0], dilations[0])
+        self.layer2 = make_layer(block, inputs[1], widths[1], blocks[1], strides[1], dilations[1])
+        self.layer3 = make_layer(block, inputs[2], widths[2], blocks[2], strides[2], dilations[2])
+        self.layer4 = make_layer(block, inputs[3], widths[3], blocks[3], strides[3], dilations[3])
+        init_weights(self)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+        x = self.layer2(self.layer1(x))  # (B, C2, H/8, W/8)
+        return self.layer4(self.layer3(x))  # (B, C4, H/8, W/8) dilated, else (B, C4, H/32, W/32)
+
+
+def resnet(depth, dilated=True, in_channels=3):
+    if depth not in RESNET_LAYOUT:
+        raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYOUT)}, got {depth}")
+    block, blocks = RESNET_LAYOUT[depth]
+    return ResNet(block, blocks, dilated, in_channels)
+
+
+def backbone_depth(name):
+    """'resnet50' -> 50."""
+    depths = {f"resnet{d}": d for d in RESNET_LAYOUT}
+    if name not in depths:
+        raise ValueError(f"backbone must be one of {sorted(depths)}, got {name!r}")
+    return depths[name]
+
+
+def load_pretrained(backbone, path):
+    """Load an ImageNet ResNet state-dict file from disk into `backbone` (a ResNet); nothing is downloaded.
+
+    Accepts a raw state dict or a dict with 'state_dict'; strips a leading 'module.' (DataParallel)
+    and ignores 'fc.*'. Strict on every other key and shape. For in_channels != 3, conv1's filter for
+    each input channel is the mean of its RGB filters (Flow2Seg 3.1). Returns a one-line report.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"pretrained weights {path}: torch.load cannot read it ({error})") from error
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"pretrained weights {path}: expected a state dict (name -> tensor)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    ignored = sorted(k for k in state if k.startswith("fc."))
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = backbone.state_dict()
+    conv1 = state.get("conv1.weight")
+    averaged = conv1 is not None and conv1.shape[1] == 3 and backbone.in_channels != 3
+    if averaged:  # (64, 3, 7, 7) -> (64, in_channels, 7, 7), every channel the RGB mean
+        state["conv1.weight"] = conv1.mean(1, keepdim=True).expand_as(own["conv1.weight"])
+    # num_batches_tracked is BatchNorm's step counter, not a weight; files saved before
+    # PyTorch 0.4.1 (torchvision's original ResNet files) do not have it.
+    missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"pretrained weights {path} do not fit the backbone: {len(missing)} missing "
+                         f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
+                         f"{len(mismatched)} shape mismatches (file vs model) {mismatched[:5]}")
+    own.update(state)
+    backbone.load_state_dict(own)
+    return (f"{path}: loaded {len(state)} tensors, ignored {ignored}"
+            + (f", conv1 = RGB mean for {backbone.in_channels} input channels" if averaged else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation heads
+# ---------------------------------------------------------------------------------------------
+def conv_bn_relu(in_channels, out_channels, kernel_size):
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU())
+
+
+def fcn_head(in_channels, mid_channels, num_classes, dropout=0.1):
+    """3x3 conv + BN + ReLU, dropout, 1x1 classifier: PSPNet's final and auxiliary heads and
+    Flow2Seg's FCN head. Dropout is elementwise (nn.Dropout) as in the Caffe PSPNet."""
+    return nn.Sequential(conv_bn_relu(in_channels, mid_channels, 3), nn.Dropout(dropout),
+                         nn.Conv2d(mid_channels, num_classes, 1))
+
+
+class PyramidPooling(nn.Module):
+    """PSPNet's pyramid pooling (Zhao et al. 2017; Flow2Seg 3.2): average-pool to b x b for each
+    bin b, reduce to C_in / len(bins) channels, upsample back, concatenate with the input."""
+
+    def __init__(self, in_channels, bins=(1, 2, 3, 6)):
+        super().__init__()
+        branch_channels = in_channels // len(bins)
+        self.branches = nn.ModuleList()
+        for b in bins:
+            if b == 1:
+                # One pooled pixel per image: training-mode BN would normalise over B values per
+                # channel (an error at batch 1, noise at small batches), so this branch has a
+                # conv bias and no BatchNorm.
+                layers = [nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, branch_channels, 1), nn.ReLU()]
+            else:
+                layers = [nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_channels, branch_channels, 1, bias=False),
+                          nn.BatchNorm2d(branch_channels), nn.ReLU()]
+            self.branches.append(nn.Sequential(*layers))
+        self.out_channels = in_channels + len(bins) * branch_channels
+
+    def forward(self, x):
+        pooled = [upsample(branch(x), x.shape[-2:]) for branch in self.branches]  # each (B, C_in/len(bins), h, w)
+        return torch.cat([x] + pooled, 1)  # (B, out_channels, h, w)
+
+
+class PSPNet(nn.Module):
+    """PSPNet (Zhao et al. 2017) on a dilated ResNet: the image-only baseline of both papers,
+    Flow2Seg's Image2Seg path (3.2) and EFC's segmentation branch."""
+
+    def __init__(self, num_classes, backbone="resnet50", bins=(1, 2, 3, 6), mid_channels=512,
+                 aux_channels=256, dropout=0.1):
+        super().__init__()
+        self.backbone = resnet(backbone_depth(backbone), dilated=True)
+        c1, _, c3, c4 = self.backbone.layer_channels
+        self.skip_channels, self.enc_channels = c1, c3  # layer1 (stride 4) and layer3 (stride 8, S)
+        self.ppm = PyramidPooling(c4, bins)
+        # The PSPNet paper fuses the pyramid with a 3x3 conv to 512 (Flow2Seg 3.2 writes "1x1"); 3x3 here.
+        self.head = fcn_head(self.ppm.out_channels, mid_channels, num_classes, dropout)
+        # Auxiliary head on layer3 ("stage 4", Flow2Seg 3.2), used by the loss in training only.
+        self.aux_head = fcn_head(c3, aux_channels, num_classes, dropout)
+        for head in (self.ppm, self.head, self.aux_head):
+            init_weights(head)
+
+    def encode(self, image):
+        """image (B, 3, H, W) -> f4 (B, C1, H/4, W/4) layer1 output, S (B, C3, H/8, W/8) layer3 output.
+        S is EFC's shared-encoder feature map (layers 1-3, "Framework Overview")."""
+        check_input(image, 3, "image")
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(image))))  # (B, 64, H/4, W/4)
+        f4 = b.layer1(x)  # (B, C1, H/4, W/4)
+        S = b.layer3(b.layer2(f4))  # (B, C3, H/8, W/8)
+        return f4, S
+
+    def decode(self, S, size=None):
+        """S (B, C3, H/8, W/8) -> {'logits', 'aux'} (B, K, size); size None keeps stride 8.
+        aux is None in eval mode."""
+        x = self.backbone.layer4(S)  # (B, C4, H/8, W/8): dilated, same grid as S
+        logits = self.head(self.ppm(x))  # (B, K, H/8, W/8)
+        aux = self.aux_head(S) if self.training else None  # (B, K, H/8, W/8)
+        if size is not None:
+            logits = upsample(logits, size)  # (B, K, H, W)
+            aux = upsample(aux, size) if aux is not None else None
+        return {"logits": logits, "aux": aux}
+
+    def forward(self, image):
+        return self.decode(self.encode(image)[1], image.shape[-2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# EFC's flow decoder: FlowNetC's correlation and contracting path on the shared encoder's stride-8
+# features, FlowNetS's refinement (Dosovitskiy et al. 2015), and an occlusion head at each scale.
+# Plain conv + LeakyReLU(0.1), no BatchNorm, as in FlowNet.
+# ---------------------------------------------------------------------------------------------
+def conv_lrelu(in_channels, out_channels, kernel_size=3, stride=1):
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2),
+                         nn.LeakyReLU(0.1))
+
+
+def deconv_lrelu(in_channels, out_channels):  # 4x4 stride-2 transposed conv: doubles h and w
+    return nn.Sequential(nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1), nn.LeakyReLU(0.1))
+
+
+def predict_flow(in_channels):  # raw flow in FlowNet units (see flow_to_pixels)
+    return nn.Conv2d(in_channels, 2, 3, padding=1)
+
+
+def occlusion_head(in_channels, mid_channels=32):
+    """EFC "Implementation Details": two 3x3 convs with 32 and 1 channels -> O_est in (0, 1)."""
+    return nn.Sequential(nn.Conv2d(in_channels, mid_channels, 3, padding=1), nn.LeakyReLU(0.1),
+                         nn.Conv2d(mid_channels, 1, 3, padding=1), nn.Sigmoid())
+
+
+def upsampled_flow():  # FlowNetS's learned 2 -> 2 upsampling of the coarser prediction
+    return nn.ConvTranspose2d(2, 2, 4, 2, 1, bias=False)
+
+
+def crop_like(x, target):
+    """FlowNet's crop: a 2x upsampled map is >= the finer map since every stride-2 layer rounds up."""
+    return x[:, :, :target.shape[2], :target.shape[3]]
+
+
+def flow_to_pixels(raw, image_size):
+    """FlowNet units (full-resolution pixels / FLOW_DIV) -> pixels of raw's own (h, w) grid:
+    u = FLOW_DIV * raw_u * w / W, v = FLOW_DIV * raw_v * h / H. These are the ratios warp.resize_flow
+    uses, so resize_flow(flow, (H, W)) gives FLOW_DIV * raw (upsampled) in image pixels."""
+    H, W = image_size
+    h, w = raw.shape[-2:]
+    scale = raw.new_tensor([FLOW_DIV * w / W, FLOW_DIV * h / H]).view(1, 2, 1, 1)
+    return raw * scale
+
+
+class FlowDecoder(nn.Module):
+    """Flow and occlusion of the first frame towards the second, from shared-encoder features.
+
+    forward(S1, S2, f4, image_size): S1, S2 (B, C_S, H/8, W/8) layer3 features of the first and
+    second frame, f4 (B, C_skip, H/4, W/4) layer1 features of the first frame, image_size (H, W).
+    Returns flows, occlusions: lists of 5 tensors, finest first (strides 4, 8, 16, 32, 64);
+    flows (B, 2, h_l, w_l) in pixels of their own grid; occlusions (B, 1, h_l, w_l) probabilities.
+    """
+
+    def __init__(self, enc_channels, skip_channels, max_displacement=20, stride=2, redirect_channels=32):
+        super().__init__()
+        self.max_displacement, self.stride = max_displacement, stride
+        D = 2 * (max_displacement // stride) + 1  # displacements per axis (21 for 20, 2)
+        c3, c4, c5, c6 = 256, 512, 512, 1024  # FlowNetC widths at strides 8, 16, 32, 64
+        d5, d4, d3, d2 = 512, 256, 128, 64  # FlowNetS deconv widths towards strides 32, 16, 8, 4
+        # FlowNetC: 1x1 "redirect" of the first frame's features, concatenated with the correlation.
+        self.redirect = conv_lrelu(enc_channels, redirect_channels, kernel_size=1)
+        self.conv3_1 = conv_lrelu(D * D + redirect_channels, c3)
+        self.conv4 = conv_lrelu(c3, c4, stride=2)
+        self.conv4_1 = conv_lrelu(c4, c4)
+        self.conv5 = conv_lrelu(c4, c5, stride=2)
+        self.conv5_1 = conv_lrelu(c5, c5)
+        self.conv6 = conv_lrelu(c5, c6, stride=2)
+        self.conv6_1 = conv_lrelu(c6, c6)
+        # Refinement: what predict_flow sees at each scale is [skip, deconv, upsampled flow].
+        concat6 = c6
+        concat5 = c5 + d5 + 2
+        concat4 = c4 + d4 + 2
+        concat3 = c3 + d3 + 2
+        concat2 = skip_channels + d2 + 2  # EFC: the encoder's layer1 plays FlowNetS's conv2
+        self.deconv5, self.deconv4 = deconv_lrelu(concat6, d5), deconv_lrelu(concat5, d4)
+        self.deconv3, self.deconv2 = deconv_lrelu(concat4, d3), deconv_lrelu(concat3, d2)
+        self.upsampled_flow6_to_5, self.upsampled_flow5_to_4 = upsampled_flow(), upsampled_flow()
+        self.upsampled_flow4_to_3, self.upsampled_flow3_to_2 = upsampled_flow(), upsampled_flow()
+        self.predict_flow6, self.predict_flow5 = predict_flow(concat6), predict_flow(concat5)
+        self.predict_flow4, self.predict_flow3 = predict_flow(concat4), predict_flow(concat3)
+        self.predict_flow2 = predict_flow(concat2)
+        self.occ6, self.occ5, self.occ4 = occlusion_head(concat6), occlusion_head(concat5), occlusion_head(concat4)
+        self.occ3, self.occ2 = occlusion_head(concat3), occlusion_head(concat2)
+        init_weights(self)
+        # The last layers start small (the papers are silent). predict_flow: near-zero initial flow,
+        # i.e. the identity warp, a sane start for the photometric and consistency losses (kaiming
+        # init gives O(1) raw values = ~20 px of random flow). Occlusion: O_est ~ 0.5 everywhere,
+        # so that the log-likelihood of EFC eq. (4) starts finite and unbiased.
+        occ_heads = (self.occ6, self.occ5, self.occ4, self.occ3, self.occ2)
+        last_layers = [self.predict_flow6, self.predict_flow5, self.predict_flow4, self.predict_flow3,
+                       self.predict_flow2] + [head[2] for head in occ_heads]
+        for conv in last_layers:
+            nn.init.normal_(conv.weight, std=1e-3)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, S1, S2, f4, image_size):
+        # FlowNetC correlation (kernel 1, normalised by C) on the stride-8 features: D^2 channels,
+        # displacements up to max_displacement feature pixels = 8x that many image pixels.
+        corr = F.leaky_relu(warp.correlation(S1, S2, self.max_displacement, self.stride), 0.1)  # (B, D^2, H/8, W/8)
+        x3 = self.conv3_1(torch.cat([corr, self.redirect(S1)], 1))  # (B, 256, H/8, W/8)
+        x4 = self.conv4_1(self.conv4(x3))  # (B, 512, H/16, W/16)
+        x5 = self.conv5_1(self.conv5(x4))  # (B, 512, H/32, W/32)
+        concat6 = self.conv6_1(self.conv6(x5))  # (B, 1024, H/64, W/64)
+
+        # Raw predictions are in FlowNet units (flow / FLOW_DIV in full-resolution pixels) at every
+        # scale, so a coarse prediction is upsampled and concatenated without rescaling.
+        flow6 = self.predict_flow6(concat6)  # (B, 2, H/64, W/64)
+        concat5 = torch.cat([x5, crop_like(self.deconv5(concat6), x5),
+                             crop_like(self.upsampled_flow6_to_5(flow6), x5)], 1)  # (B, concat5, H/32, W/32)
+        flow5 = self.predict_flow5(concat5)  # (B, 2, H/32, W/32)
+        concat4 = torch.cat([x4, crop_like(self.deconv4(concat5), x4),
+                             crop_like(self.upsampled_flow5_to_4(flow5), x4)], 1)  # (B, concat4, H/16, W/16)
+        flow4 = self.predict_flow4(concat4)  # (B, 2, H/16, W/16)
+        concat3 = torch.cat([x3, crop_like(self.deconv3(concat4), x3),
+                             crop_like(self.upsampled_flow4_to_3(flow4), x3)], 1)  # (B, concat3, H/8, W/8)
+        flow3 = self.predict_flow3(concat3)  # (B, 2, H/8, W/8)
+        concat2 = torch.cat([f4, crop_like(self.deconv2(concat3), f4),
+                             crop_like(self.upsampled_flow3_to_2(flow3), f4)], 1)  # (B, concat2, H/4, W/4)
+        flow2 = self.predict_flow2(concat2)  # (B, 2, H/4, W/4)
+
+        flows = [flow_to_pixels(raw, image_size) for raw in (flow2, flow3, flow4, flow5, flow6)]
+        occlusions = [self.occ2(concat2), self.occ3(concat3), self.occ4(concat4),
+                      self.occ5(concat5), self.occ6(concat6)]  # (B, 1, h_l, w_l) each, O_est
+        return flows, occlusions
+
+
+class EFCNet(nn.Module):
+    """EFC (Ding et al. 2020): PSPNet whose layers 1-3 are shared with a flow decoder.
+
+    forward(image) is inference and runs exactly PSPNet (EFC: no extra computation at test time).
+    forward(image_a, image_b) = forward_pair(image_a, image_b) is training; calling it through
+    forward keeps DistributedDataParallel's hooks working.
+    """
+
+    def __init__(self, num_classes, backbone="resnet50", max_displacement=20, corr_stride=2):
+        super().__init__()
+        self.seg = PSPNet(num_classes, backbone)
+        self.flow = FlowDecoder(self.seg.enc_channels, self.seg.skip_channels, max_displacement, corr_stride)
+
+    def forward(self, image, image_b=None, segment=True):
+        if image_b is None:
+            return self.seg(image)
+        return self.forward_pair(image, image_b, segment)
+
+    def forward_pair(self, image_a, image_b, segment=True):
+        """Everything the EFC losses need for a pair of normalised images (a, b), (B, 3, H, W) each:
+          'logits_a', 'logits_b'  (B, K, H, W); 'aux_a', 'aux_b' the same in training mode, else None
+          'S_a', 'S_b'            (B, C_S, H/8, W/8) shared-encoder (layer3) features
+          'flow_ab', 'flow_ba'    5 x (B, 2, h_l, w_l), strides 4, 8, 16, 32, 64, pixels of own grid
+          'occ_a', 'occ_b'        5 x (B, 1, h_l, w_l) O_est; occ_a: pixels of a with no match in b
+                                  (from the run that gave flow_ab), occ_b likewise from flow_ba's run
+        segment=False (flow-only training) skips layer4 and the PSP heads: logits and aux are None."""
+        if image_a.shape != image_b.shape:
+            raise ValueError(f"image_a {tuple(image_a.shape)} and image_b {tuple(image_b.shape)} "
+                             "must have equal shapes")
+        B, size = image_a.shape[0], image_a.shape[-2:]
+        f4, S = self.seg.encode(torch.cat([image_a, image_b]))  # (2B, C1, H/4, W/4), (2B, C_S, H/8, W/8)
+        S_a, S_b = S[:B], S[B:]
+        # One decoder run on the batch of pairs [(a, b); (b, a)]: the same weights give F_a->b
+        # (first half) and F_b->a (second half). The first frames are [a; b] = S and f4 as they are.
+        flows, occlusions = self.flow(S, torch.cat([S_b, S_a]), f4, size)
+        out = {"S_a": S_a, "S_b": S_b,
+               "flow_ab": [f[:B] for f in flows], "flow_ba": [f[B:] for f in flows],
+               "occ_a": [o[:B] for o in occlusions], "occ_b": [o[B:] for o in occlusions],
+               "logits_a": None, "logits_b": None, "aux_a": None, "aux_b": None}
+        if segment:
+            seg = self.seg.decode(S, size)  # logits (2B, K, H, W); aux likewise or None
+            out["logits_a"], out["logits_b"] = seg["logits"][:B], seg["logits"][B:]
+            if seg["aux"] is not None:
+                out["aux_a"], out["aux_b"] = seg["aux"][:B], seg["aux"][B:]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow2Seg (Li et al.): PSPNet on the image + a shallow FCN on the flow, fused residually.
+# ---------------------------------------------------------------------------------------------
+class ResidualFusion(nn.Module):
+    """Flow2Seg 3.3: concat(image logits, flow logits) -> 2 x [conv + BN] -> 1x1 conv -> + image logits.
+    The paper does not give the kernel size or a nonlinearity: 3x3 convs with ReLU here."""
+
+    def __init__(self, num_classes, channels=128):
+        super().__init__()
+        self.blocks = nn.Sequential(conv_bn_relu(2 * num_classes, channels, 3), conv_bn_relu(channels, channels, 3))
+        self.residual = nn.Conv2d(channels, num_classes, 1)
+        init_weights(self.blocks)
+        # Zero init: training starts with fused == image logits. The module is a correction that
+        # should "leave the well segmented part unaffected", and a trained PSPNet loaded into the
+        # image path (Flow2Seg 4.3) keeps its exact predictions at the start.
+        nn.init.zeros_(self.residual.weight)
+        nn.init.zeros_(self.residual.bias)
+
+    def forward(self, image_logits, flow_logits):
+        x = self.blocks(torch.cat([image_logits, flow_logits], 1))  # (B, channels, h, w)
+        return image_logits + self.residual(x)  # (B, K, h, w)
+
+
+class Flow2SegNet(nn.Module):
+    """forward(image, flow): image (B, 3, H, W) normalised; flow (B, 2, H, W) F from this frame
+    (Flow2Seg 4.3: towards the previous frame) in pixels of the image grid. Returns 'logits' (fused),
+    'image_logits', 'flow_logits', 'aux' (None in eval), all (B, K, H, W)."""
+
+    def __init__(self, num_classes, image_backbone="resnet101", flow_backbone="resnet18", fusion_channels=128):
+        super().__init__()
+        self.image = PSPNet(num_classes, image_backbone)  # Image2Seg, 3.2
+        # Flow2Seg 3.1: a dilated ResNet with a 2-channel conv1 (load_pretrained averages RGB).
+        self.flow_backbone = resnet(backbone_depth(flow_backbone), dilated=True, in_channels=2)
+        c4 = self.flow_backbone.layer_channels[3]
+        # FCN head; the paper gives no width: c4 / 4 in the middle, as torchvision's FCNHead.
+        self.flow_head = fcn_head(c4, c4 // 4, num_classes)
+        init_weights(self.flow_head)
+        self.fusion = ResidualFusion(num_classes, fusion_channels)
+
+    def forward(self, image, flow):
+        check_input(image, 3, "image")
+        check_input(flow, 2, "flow")
+        if image.shape[0] != flow.shape[0] or image.shape[-2:] != flow.shape[-2:]:
+            raise ValueError(f"image {tuple(image.shape)} and flow {tuple(flow.shape)} must share B, H, W")
+        size = image.shape[-2:]
+        image_out = self.image.decode(self.image.encode(image)[1])  # logits (B, K, H/8, W/8), aux or None
+        image8 = image_out["logits"]
+        flow8 = self.flow_head(self.flow_backbone(flow * FLOW_INPUT_SCALE))  # (B, K, H/8, W/8)
+        if flow8.shape[-2:] != image8.shape[-2:]:  # equal whenever both backbones have stride 8
+            flow8 = upsample(flow8, image8.shape[-2:])
+        fused8 = self.fusion(image8, flow8)  # (B, K, H/8, W/8), fused at stride 8
+        aux = image_out["aux"]
+        return {"logits": upsample(fused8, size), "image_logits": upsample(image8, size),
+                "flow_logits": upsample(flow8, size), "aux": upsample(aux, size) if aux is not None else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and FLOPs
+# ---------------------------------------------------------------------------------------------
+def summary(model, inputs, depth=1):
+    """Print parameters and GFLOPs of model(*inputs) per submodule (`depth` levels) and in total.
+
+    FLOPs are torch.utils.flop_counter's: 2 per multiply-add of convs and matmuls (the correlation
+    included); elementwise ops, pooling and interpolation are not counted. torchvision's "GFLOPS"
+    column counts multiply-adds, half of this. Works on the meta device. Returns (params, flops).
+    """
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    root = type(model).__name__
+
+    def flops(name, module):
+        # A module entered through a method other than forward (PSPNet.encode) has no entry of
+        # its own: sum its children's.
+        if f"{root}.{name}" in counts:
+            return counts[f"{root}.{name}"]
+        return sum(flops(f"{name}.{child}", sub) for child, sub in module.named_children())
+
+    print(f"{'module':<32}{'params':>16}{'GFLOPs':>12}")
+    for name, module in model.named_modules():
+        if name and name.count(".") < depth:
+            params = sum(p.numel() for p in module.parameters())
+            print(f"{'  ' * name.count('.') + name:<32}{params:>16,}{flops(name, module) / 1e9:>12.2f}")
+    total_params, total_flops = sum(p.numel() for p in model.parameters()), counter.get_total_flops()
+    print(f"{'total':<32}{total_params:>16,}{total_flops / 1e9:>12.2f}")
+    return total_params, total_flops
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Parameters and FLOPs of the networks, on the meta "
+                                                 "device (no memory, instant).")
+    parser.add_argument("--net", choices=["pspnet", "efc", "efc-pair", "flow2seg"], default="pspnet",
+                        help="efc = EFCNet inference (= PSPNet), efc-pair = its training forward on a pair")
+    parser.add_argument("--backbone", default="resnet50", help="image backbone")
+    parser.add_argument("--flow-backbone", default="resnet18", help="Flow2Seg's flow backbone")
+    parser.add_argument("--size", type=int, nargs=2, default=[713, 713], metavar=("H", "W"))
+    parser.add_argument("--classes", type=int, default=19)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--depth", type=int, default=1, help="submodule levels to list")
+    parser.add_argument("--train", action="store_true", help="training mode (runs the auxiliary heads)")
+    args = parser.parse_args()
+    with torch.device("meta"):
+        image = torch.zeros(args.batch, 3, *args.size)
+        if args.net == "pspnet":
+            net, inputs = PSPNet(args.classes, args.backbone), (image,)
+        elif args.net == "efc":
+            net, inputs = EFCNet(args.classes, args.backbone), (image,)
+        elif args.net == "efc-pair":
+            net, inputs = EFCNet(args.classes, args.backbone), (image, image.clone())
+        else:
+            net = Flow2SegNet(args.classes, args.backbone, args.flow_backbone)
+            inputs = (image, torch.zeros(args.batch, 2, *args.size))
+        net.train(args.train)
+        print(f"{args.net} {args.backbone} input {args.batch}x{args.size[0]}x{args.size[1]}, "
+              f"{args.classes} classes, {'train' if args.train else 'eval'} mode")
+        summary(net, inputs, args.depth)
+
+
+if __name__ == "__main__":
+    main()

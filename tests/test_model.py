@@ -1,0 +1,274 @@
+"""Tests of model.py: backbones against torchvision's published numbers and key names, pretrained
+loading, output shapes and values of every network, flow units, FLOPs and gradients.
+
+Forward passes use ResNet-18 and small odd inputs (97x131, 65x65); big models are only built on
+the meta device (no memory, no compute), which is enough for parameter and FLOP counts.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model  # noqa: E402
+import warp  # noqa: E402
+
+K = 5  # classes
+H, W = 97, 131  # odd on purpose: stride-4 grid 25x33, stride-8 13x17, then 7x9, 4x5, 2x3
+GRIDS = [(25, 33), (13, 17), (7, 9), (4, 5), (2, 3)]  # strides 4, 8, 16, 32, 64, rounded up
+
+
+def torchvision_keys(depth):
+    """torchvision's ResNet state-dict names without fc, written out from torchvision's naming rules."""
+    block, blocks = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
+                     50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}[depth]
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    keys = ["conv1.weight"] + [f"bn1.{n}" for n in bn]
+    convs = 2 if block == "basic" else 3
+    for layer, count in enumerate(blocks, start=1):
+        for i in range(count):
+            p = f"layer{layer}.{i}"
+            for c in range(1, convs + 1):
+                keys += [f"{p}.conv{c}.weight"] + [f"{p}.bn{c}.{n}" for n in bn]
+            # torchvision adds a projection shortcut where the first block changes shape.
+            if i == 0 and (layer > 1 or block == "bottleneck"):
+                keys += [f"{p}.downsample.0.weight"] + [f"{p}.downsample.1.{n}" for n in bn]
+    return keys
+
+
+# torchvision's published totals with the fc layer, minus fc (in * 1000 + 1000).
+@pytest.mark.parametrize("depth, total, fc_in", [(18, 11_689_512, 512), (34, 21_797_672, 512),
+                                                 (50, 25_557_032, 2048), (101, 44_549_160, 2048)])
+def test_resnet_matches_torchvision(depth, total, fc_in):
+    for dilated in (True, False):
+        with torch.device("meta"):
+            net = model.resnet(depth, dilated=dilated)
+        assert sum(p.numel() for p in net.parameters()) == total - (fc_in * 1000 + 1000)
+        assert sorted(net.state_dict()) == sorted(torchvision_keys(depth))
+
+
+def test_dilation_and_output_stride():
+    net = model.resnet(18, dilated=True).eval()
+    assert all(b.conv1.dilation == (2, 2) and b.conv2.dilation == (2, 2) for b in net.layer3)
+    assert all(b.conv1.dilation == (4, 4) and b.conv2.dilation == (4, 4) for b in net.layer4)
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, H, W)).shape == (1, 512, *GRIDS[1])  # output stride 8
+        assert model.resnet(18, dilated=False).eval()(torch.randn(1, 3, H, W)).shape == (1, 512, 4, 5)
+    with torch.device("meta"):
+        r50 = model.resnet(50, dilated=True)
+    assert r50.layer3[0].conv2.dilation == (2, 2) and r50.layer3[0].conv2.stride == (1, 1)
+    assert r50.layer4[2].conv2.dilation == (4, 4)
+
+
+def torchvision_file(net, path, depth, with_counters=True):
+    """Write random weights under torchvision's names, as DataParallel + a checkpoint dict would."""
+    state = {}
+    for k, v in net.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            if with_counters:
+                state[k] = torch.tensor(7)
+        else:
+            state[k] = torch.randn(v.shape)
+    state["conv1.weight"] = torch.randn(64, 3, 7, 7)  # the ImageNet file is RGB
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, net.layer_channels[3]), torch.randn(1000)
+    assert sorted(k for k in state if not k.startswith("fc.") and (with_counters or "num_batches" not in k)) \
+        == sorted(k for k in torchvision_keys(depth) if with_counters or "num_batches" not in k)
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, path)
+    return state
+
+
+@pytest.mark.parametrize("depth, in_channels", [(18, 3), (18, 2), (34, 3), (50, 3), (101, 3)])
+def test_load_pretrained(tmp_path, depth, in_channels):
+    net = model.resnet(depth, dilated=True, in_channels=in_channels)
+    path = str(tmp_path / "resnet.pth")
+    state = torchvision_file(net, path, depth, with_counters=(depth != 34))  # R34: an old file, no counters
+    report = model.load_pretrained(net, path)
+    assert "fc.weight" in report
+    loaded = net.state_dict()
+    for k, v in state.items():
+        if k != "conv1.weight" and not k.startswith("fc."):
+            assert torch.equal(loaded[k], v), k
+    if in_channels == 3:
+        assert torch.equal(net.conv1.weight, state["conv1.weight"])
+    else:  # Flow2Seg 3.1: every flow channel gets the mean of the RGB filters
+        mean = state["conv1.weight"].mean(1)  # (64, 7, 7)
+        assert net.conv1.weight.shape == (64, 2, 7, 7)
+        assert torch.equal(net.conv1.weight[:, 0], mean) and torch.equal(net.conv1.weight[:, 1], mean)
+
+
+def test_load_pretrained_errors(tmp_path):
+    net = model.resnet(18)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        model.load_pretrained(net, str(tmp_path / "nowhere.pth"))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth"):
+        model.load_pretrained(net, str(garbage))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    del state["layer2.1.bn2.weight"]
+    state["layer4.0.conv1.weight"] = torch.zeros(512, 256, 1, 1)
+    state["head.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ValueError) as error:
+        model.load_pretrained(net, str(tmp_path / "bad.pth"))
+    for expected in ("bad.pth", "layer2.1.bn2.weight", "head.weight", "layer4.0.conv1.weight"):
+        assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("training", [True, False])
+def test_pspnet_shapes(batch, training):
+    torch.manual_seed(0)
+    net = model.PSPNet(K, "resnet18").train(training)
+    with torch.no_grad():
+        out = net(torch.randn(batch, 3, H, W))  # batch 1 in training: the bin-1 branch has no BN
+    assert out["logits"].shape == (batch, K, H, W)
+    if training:
+        assert out["aux"].shape == (batch, K, H, W)
+    else:
+        assert out["aux"] is None
+    assert torch.isfinite(out["logits"]).all()
+
+
+def test_pspnet_rejects_bad_input():
+    net = model.PSPNet(K, "resnet18")
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        net(torch.randn(1, 2, H, W))
+    with pytest.raises(ValueError, match="backbone"):
+        model.PSPNet(K, "resnet17")
+
+
+PAIR_KEYS = {"logits_a", "logits_b", "aux_a", "aux_b", "S_a", "S_b", "flow_ab", "flow_ba", "occ_a", "occ_b"}
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("training", [True, False])
+def test_efcnet_pair_shapes(batch, training):
+    torch.manual_seed(0)
+    net = model.EFCNet(K, "resnet18").train(training)
+    a, b = torch.randn(batch, 3, H, W), torch.randn(batch, 3, H, W)
+    with torch.no_grad():
+        out = net(a, b)
+        flow_only = net.forward_pair(a, b, segment=False)
+        inference = net(a)
+    assert set(out) == PAIR_KEYS and set(flow_only) == PAIR_KEYS
+    for side in "ab":
+        assert out[f"logits_{side}"].shape == (batch, K, H, W)
+        assert (out[f"aux_{side}"].shape == (batch, K, H, W)) if training else out[f"aux_{side}"] is None
+        assert out[f"S_{side}"].shape == (batch, 256, *GRIDS[1])
+        assert flow_only[f"logits_{side}"] is None and flow_only[f"aux_{side}"] is None
+    for key in ("flow_ab", "flow_ba", "occ_a", "occ_b"):
+        channels = 2 if key.startswith("flow") else 1
+        assert [tuple(t.shape) for t in out[key]] == [(batch, channels, *g) for g in GRIDS]
+    for occ in out["occ_a"] + out["occ_b"]:
+        assert occ.min() > 0 and occ.max() < 1
+    if not training:  # eval: batching a with b changes nothing, so the pair's a-half is PSPNet(a)
+        assert torch.allclose(out["logits_a"], inference["logits"], atol=1e-4)
+        assert torch.equal(out["flow_ab"][0], flow_only["flow_ab"][0])
+
+
+def test_flow_decoder_swaps_frames():
+    """F_b->a from the pair (a, b) is F_a->b from the pair (b, a): same weights, frames swapped."""
+    torch.manual_seed(0)
+    net = model.EFCNet(K, "resnet18").eval()
+    for p in [net.flow.predict_flow2.weight, net.flow.occ2[2].weight]:  # make the outputs non-trivial
+        torch.nn.init.normal_(p, std=0.1)
+    a, b = torch.randn(1, 3, 65, 65), torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        ab, ba = net.forward_pair(a, b, segment=False), net.forward_pair(b, a, segment=False)
+    for l in range(5):
+        assert torch.allclose(ab["flow_ba"][l], ba["flow_ab"][l], atol=1e-5)
+        assert torch.allclose(ab["occ_b"][l], ba["occ_a"][l], atol=1e-5)
+    assert not torch.allclose(ab["flow_ab"][0], ab["flow_ba"][0])
+
+
+def test_flow_units_are_pixels_of_own_grid():
+    """A constant raw prediction r (FlowNet units) is 20 * r full-resolution pixels at every scale."""
+    torch.manual_seed(0)
+    net = model.EFCNet(K, "resnet18").eval()
+    for l in range(2, 7):
+        conv = getattr(net.flow, f"predict_flow{l}")
+        torch.nn.init.zeros_(conv.weight)
+        conv.bias.data = torch.tensor([0.5, -0.25])  # raw u, v
+    with torch.no_grad():
+        flows = net.forward_pair(torch.randn(1, 3, H, W), torch.randn(1, 3, H, W), segment=False)["flow_ab"]
+    for flow, (h, w) in zip(flows, GRIDS):
+        assert torch.allclose(flow[0, 0], torch.full((h, w), 20 * 0.5 * w / W))
+        assert torch.allclose(flow[0, 1], torch.full((h, w), 20 * -0.25 * h / H))
+        full = warp.resize_flow(flow, (H, W))  # back in image pixels: exactly 20 * raw
+        assert torch.allclose(full[0, 0], torch.full((H, W), 10.0), atol=1e-5)
+        assert torch.allclose(full[0, 1], torch.full((H, W), -5.0), atol=1e-5)
+
+
+def flops(net, *inputs):
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        net(*inputs)
+    return counter.get_total_flops()
+
+
+def test_flops():
+    with torch.device("meta"):
+        # torchvision publishes 1.81 / 4.09 GFLOPS (multiply-adds) for ResNet-18 / 50 at 224x224,
+        # fc included (0.0005 / 0.002 G); flop_counter counts 2 per multiply-add.
+        image = torch.zeros(1, 3, 224, 224)
+        assert flops(model.resnet(18, dilated=False), image) / 2e9 == pytest.approx(1.81, abs=0.01)
+        assert flops(model.resnet(50, dilated=False), image) / 2e9 == pytest.approx(4.09, abs=0.02)
+        # EFC: inference costs exactly PSPNet; training adds the flow decoder.
+        image = torch.zeros(1, 3, 65, 65)
+        efc, psp = model.EFCNet(K, "resnet50").eval(), model.PSPNet(K, "resnet50").eval()
+        assert flops(efc, image) == flops(psp, image) > 0
+        assert flops(efc, image, image) > 2 * flops(psp, image)
+    assert sorted(efc.seg.state_dict()) == sorted(psp.state_dict())  # a PSPNet checkpoint loads as is
+
+
+def test_summary(capsys):
+    with torch.device("meta"):
+        net = model.Flow2SegNet(K, "resnet18", "resnet18").eval()
+        params, total = model.summary(net, (torch.zeros(1, 3, 65, 65), torch.zeros(1, 2, 65, 65)))
+    printed = capsys.readouterr().out
+    for name in ("image", "flow_backbone", "flow_head", "fusion", "total"):
+        assert name in printed
+    assert params == sum(p.numel() for p in net.parameters())
+    assert total == flops(net, torch.zeros(1, 3, 65, 65, device="meta"), torch.zeros(1, 2, 65, 65, device="meta"))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("training", [True, False])
+def test_flow2seg_shapes_and_fusion_start(batch, training):
+    torch.manual_seed(0)
+    net = model.Flow2SegNet(K, "resnet18", "resnet18").train(training)
+    image, flow = torch.randn(batch, 3, H, W), 10 * torch.randn(batch, 2, H, W)
+    seen = []
+    net.flow_backbone.conv1.register_forward_hook(lambda m, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        out = net(image, flow)
+    for key in ("logits", "image_logits", "flow_logits"):
+        assert out[key].shape == (batch, K, H, W)
+    assert (out["aux"].shape == (batch, K, H, W)) if training else out["aux"] is None
+    assert torch.equal(out["logits"], out["image_logits"])  # zero-initialised residual
+    assert torch.allclose(seen[0], flow / 20)  # FLOW_INPUT_SCALE
+    with pytest.raises(ValueError, match="share B, H, W"):
+        net(image, flow[:, :, :-1])
+    # Flow2Seg 4.3: a trained PSPNet initialises the image path.
+    net.image.load_state_dict(model.PSPNet(K, "resnet18").state_dict())
+
+
+@pytest.mark.parametrize("name", ["efc", "flow2seg"])
+def test_training_forward_reaches_every_parameter(name):
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 3, 65, 65), torch.randn(1, 3, 65, 65)
+    if name == "efc":
+        net = model.EFCNet(K, "resnet18").train()
+        out = net(a, b)
+        tensors = [v for v in out.values() if torch.is_tensor(v)]
+        tensors += [t for v in out.values() if isinstance(v, list) for t in v]  # flows, occlusions
+    else:
+        net = model.Flow2SegNet(K, "resnet18", "resnet18").train()
+        tensors = list(net(a, torch.randn(1, 2, 65, 65)).values())
+    sum(t.square().mean() for t in tensors).backward()
+    for n, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        # Behind the zero-initialised last fusion conv the gradient is exactly 0 at the start.
+        if not n.startswith("fusion.blocks"):
+            assert p.grad.abs().sum() > 0, n

@@ -32,7 +32,7 @@ SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # Wang et al. 2004 with a dynamic range
 # 0.01-0.1, so exp(-|dI|) stays in [0.9, 1] and sees no edges; with 10 a 0.1 step (a visible edge)
 # scales the penalty by e^-1 and a 0.3 step by 0.05 (ARFlow's first-order smoothness uses 10 too).
 EDGE_WEIGHT = 10.0
-NORM_EPS = 1e-6  # sqrt(|d|^2 + eps): finite gradient at d = 0, a bias of at most 1e-3 per pixel
+NORM_EPS = 1e-6  # sqrt(mean d^2 + eps): finite gradient at d = 0, a bias of at most 1e-3 per pixel
 AUX_WEIGHT = 0.4  # PSPNet's auxiliary loss (Zhao et al. 2017), also Flow2Seg's beta
 EFC_WEIGHTS = {"cons": 10.0, "occ": 0.4, "sm": 0.5}  # EFC "Implementation Details"
 FLOW2SEG_ALPHA = 0.2  # Flow2Seg eq. (1): weight of L_Flow2Seg
@@ -139,15 +139,26 @@ def consistency_loss(S_a, S_b, flow_ab, O_est_a):
 
     S_a, S_b: (B, C_S, h8, w8); flow_ab: (B, 2, h, w) the finest flow (the network's best estimate),
     resized and rescaled to the features' grid; O_est_a: (B, 1, h, w) resized bilinearly, or 0.
-    Gradient reaches S_a, S_b, the flow and O_est. Not masked by `valid`, as in photometric_loss.
+    Gradient reaches S_a, S_b and the flow. Not masked by `valid`, as in photometric_loss.
+
+    Two choices where the paper is silent:
+    * ||S - S'||_2 is divided by sqrt(C_S) (the root-mean-square over channels): the plain norm
+      grows with the width of layer3 (256 channels for ResNet-18, 1024 for ResNet-50/101), and
+      lambda_cons = 10 should mean the same for every backbone.
+    * O_est is a detached weight here. With its gradient, the minimum of
+      lambda_cons (1 - O) d + lambda_occ BCE(O, 0) over O is O = 1 - lambda_occ / (lambda_cons d):
+      about 0.97 for a feature distance d of 1 (what an untrained encoder gives), so L_cons would
+      switch itself off (measured: within one SGD step at lr 0.01). O_est still learns from L_occ
+      and from L_pm, which is where the paper's "tends to predict more occlusion" shows.
     """
     size = S_a.shape[2:]
     flow = warp.resize_flow(flow_ab, size)  # (B, 2, h8, w8) in feature pixels
     if torch.is_tensor(O_est_a):
-        O_est_a = F.interpolate(O_est_a.float(), size=size, mode="bilinear", align_corners=False)  # (B, 1, h8, w8)
+        O_est_a = F.interpolate(O_est_a.detach().float(), size=size, mode="bilinear",
+                                align_corners=False)  # (B, 1, h8, w8)
     S_b_warped, _ = warp.backward_warp(S_b, flow)  # S' = Warp(S_b, F_a->b), (B, C_S, h8, w8) float32
     difference = S_a.to(S_b_warped.dtype) - S_b_warped  # (B, C_S, h8, w8)
-    distance = torch.sqrt(difference.pow(2).sum(1, keepdim=True) + NORM_EPS)  # (B, 1, h8, w8)
+    distance = torch.sqrt(difference.pow(2).mean(1, keepdim=True) + NORM_EPS)  # (B, 1, h8, w8)
     # EFC eq. (2): L_cons = sum_xy (1 - O_est) ||S - S'||_2
     return masked_mean((1 - O_est_a) * distance)
 
@@ -233,7 +244,7 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
       consistency=False  no L_cons
       flow_only=True     Table 2 "UL" (with occlusion: "UL + OE"): L = L_pm + 0.5 L_sm (+ 0.4 L_occ);
                          no segmentation, so no L_seg, L_cons or O_error (logits may be None)
-      frozen_flow=True   Table 1 "TCC_fix": no L_pm, L_sm, L_occ; L_cons uses a detached flow and O_est
+      frozen_flow=True   Table 1 "TCC_fix": no L_pm, L_sm, L_occ; L_cons uses a detached flow
     """
     if flow_only and frozen_flow:
         raise ValueError("efc_loss: flow_only trains only the flow and frozen_flow freezes it: choose one")
@@ -272,7 +283,7 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
                     terms["occ"] = terms["occ"] + occlusion_loss(O_est, flow_ba) / n_scales
         if consistency and not flow_only:
             flow_ab = flows[a][0].detach() if frozen_flow else flows[a][0]  # finest scale
-            O_est = (occ[a][0].detach() if frozen_flow else occ[a][0]) if occlusion else 0
+            O_est = occ[a][0] if occlusion else 0  # a detached weight inside consistency_loss
             terms["cons"] = terms["cons"] + consistency_loss(features[a], features[b], flow_ab, O_est)
 
     if not flow_only:

@@ -184,10 +184,10 @@ def test_consistency_loss_vanishes_for_features_warped_with_the_true_flow():
     at_truth = losses.consistency_loss(S_a, S_b, flow, O_est)
     at_zero = losses.consistency_loss(S_a, S_b, torch.zeros_like(flow), O_est)
     assert at_truth.item() < 1e-2  # sqrt(NORM_EPS) = 1e-3 at most
-    assert at_zero.item() > 1.0
+    assert at_zero.item() > 0.5  # RMS over channels of two unrelated unit-variance maps: ~1
 
 
-def test_consistency_gradient_reaches_encoder_flow_and_occlusion():
+def test_consistency_gradient_reaches_encoder_and_flow_but_not_occlusion():
     encoder = torch.nn.Conv2d(3, FEATURES[0], kernel_size=8, stride=8)
     I_a, I_b = texture(2, 3, H, W), texture(2, 3, H, W, seed=1)
     S_a, S_b = encoder(I_a), encoder(I_b)  # (2, 8, 4, 6)
@@ -196,8 +196,9 @@ def test_consistency_gradient_reaches_encoder_flow_and_occlusion():
     flow = torch.full((2, 2, 8, 12), 0.7, requires_grad=True)
     logit = torch.zeros(2, 1, 8, 12, requires_grad=True)
     losses.consistency_loss(S_a, S_b, flow, torch.sigmoid(logit)).backward()
-    for grad in (encoder.weight.grad, S_a.grad, S_b.grad, flow.grad, logit.grad):
+    for grad in (encoder.weight.grad, S_a.grad, S_b.grad, flow.grad):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert logit.grad is None  # O_est is a detached weight in L_cons (see consistency_loss)
 
 
 def test_consistency_norm_has_a_finite_gradient_at_zero_distance():

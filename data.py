@@ -1,24 +1,63 @@
-"""Data: image normalisation and optical-flow files.
+"""Data: everything that reads, writes or synthesises data on disk, the datasets and the augmentation.
 
-This file holds everything that reads or writes data on disk. So far:
-  * the ImageNet normalisation every network input goes through (stated once, here);
-  * Middlebury `.flo` files (FlowNet2, RAFT and most flow codebases write them);
-  * KITTI 2015 flow PNGs (16-bit RGB: the KITTI ground truth, and EFC Tables 2 and 5).
+Sections, in file order
+  1. Normalisation: ImageNet mean / std                                normalize, denormalize
+  2. Flow files: Middlebury .flo, KITTI 16-bit PNG (with a small PNG codec, because Pillow reads
+     16-bit RGB as 8 bits), and `read_flow` for any of .flo / KITTI PNG / .npy
+  3. Images and labels: readers that name the file on bad input; the label tables
+     (Cityscapes labelIds -> trainIds exactly as cityscapesScripts' labels.py, its 7 categories for
+     "IoU cat"; CamVid's 11 classes; the synthetic world's classes)
+  4. The synthetic world: 30-frame snippets rendered with numpy, with exact labels, flow and
+     occlusion for every frame, written in the Cityscapes layout      make_synthetic_world
+  5. Datasets (map-style, each item a dict of tensors)
+       CityscapesPairs     EFC "Implementation Details": pairs (I_i, I_{i+t}), t in [1, 5], ten per
+                           snippet, five of which contain the labelled frame
+       CityscapesFlow2Seg  Flow2Seg 4.1: the labelled 20th frame, the 19th, and the flow F_t->t-1
+       CityscapesImages    single labelled frames (PSPNet / Image2Seg training, evaluation)
+       SyntheticSequence   every consecutive pair of the synthetic world with all ground truth
+       CamVid              SegNet layout, 11 classes (EFC Table 4), optional video neighbours
+       KittiFlow           KITTI 2015 flow (EFC Tables 2 and 5) and unlabelled pairs
+  6. Augmentation, identical on every image, label, flow and mask of a sample (EFC "Implementation
+     Details"; Flow2Seg 4.2)                                           JointTransform
+  7. Loading and pictures: worker_init_fn, flow_to_color, colorize, preview
+  8. Command line: `python data.py synth --out DIR`, `python data.py preview --root DIR --out PNG`
 
-Arrays on disk are (H, W, 2) float32, u first (x, right), v second (y, down), in pixels; the
-networks take (B, 2, H, W) tensors (see warp.py for the flow conventions).
+A sample is a dict of tensors, recognised by dtype and shape (section 6 relies on it):
+  image  (3, H, W) float32, RGB in [0, 1] inside the dataset, ImageNet-normalised when returned;
+  label  (H, W) int64, 255 = ignore;
+  flow   (2, H, W) float32 in pixels, u first (x, right), v second (y, down); its validity mask is
+         the entry named like the flow plus "_valid";
+  mask   (H, W) bool (validity; or occlusion, 1 = occluded, for keys starting with "occ");
+  anything else (frame indices, flags) passes through unchanged.
+On disk and in numpy, flows are (H, W, 2) with the same channel order; see warp.py for the flow
+conventions (pixel p of frame a moves to p + F_a->b(p)).
 """
+import argparse
+import json
+import os
+import random
+import re
+import shutil
 import struct
+import time
 import zlib
+from collections import namedtuple
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
 
-# ---------------------------------------------------------------------------------------------
-# Normalisation. Images enter every network as (B, 3, H, W) float RGB in [0, 1], minus the
+from warp import backward_warp, pixel_grid, resize_flow
+
+# =============================================================================================
+# 1. Normalisation. Images enter every network as (B, 3, H, W) float RGB in [0, 1], minus the
 # ImageNet mean, divided by the ImageNet std (the statistics the pretrained ResNets were trained
 # with). The photometric losses (EFC eqs. (6)-(7)) work on [0, 1] images: `denormalize` undoes this.
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -41,6 +80,9 @@ def denormalize(image):
     return image * std + mean
 
 
+# =============================================================================================
+# 2. Flow files
+# =============================================================================================
 # ---------------------------------------------------------------------------------------------
 # Middlebury .flo: float32 magic 202021.25 (the bytes "PIEH"), int32 width, int32 height, then
 # H * W * 2 little-endian float32, row-major, u and v interleaved per pixel.
@@ -228,3 +270,1366 @@ def write_kitti_flow(path, flow, valid=None):
                          f"encoding (range [-512, 511.984375] px); {int(bad.sum())} value(s) out of range")
     rgb = np.dstack([coded, valid.astype(np.float64)]).astype(np.uint16)
     write_png16_rgb(path, rgb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any flow file, by its name. Precomputed flows for Flow2Seg come in whichever format the flow
+# network wrote; the validity mask says where the file holds no flow.
+# ---------------------------------------------------------------------------------------------
+FLOW_SUFFIXES = (".flo", "_flow.png", ".npy")  # the names a flow directory may use, in order of preference
+
+
+def read_flow(path):
+    """Read a flow file -> flow (H, W, 2) float32 in pixels (0 where invalid), valid (H, W) bool.
+
+      *.png  KITTI 16-bit PNG (valid = B > 0);
+      *.flo  Middlebury; *.npy  an (H, W, 2) float array. In both, a pixel is invalid where a value is
+             not finite or above 1e9 in magnitude (Middlebury's "unknown flow").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: flow file not found")
+    if path.suffix == ".png":
+        return read_kitti_flow(path)
+    if path.suffix == ".flo":
+        flow = read_flo(path)
+    elif path.suffix == ".npy":
+        try:
+            flow = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read .npy flow ({e})") from None
+        if flow.ndim != 3 or flow.shape[2] != 2 or not np.issubdtype(flow.dtype, np.floating):
+            raise ValueError(f"{path}: expected an (H, W, 2) float flow array, got {flow.shape} {flow.dtype}")
+    else:
+        raise ValueError(f"{path}: unknown flow format (expected one of {', '.join(FLOW_SUFFIXES)})")
+    flow = flow.astype(np.float32)
+    valid = np.isfinite(flow).all(axis=2) & (np.abs(np.nan_to_num(flow)) < 1e9).all(axis=2)
+    flow[~valid] = 0.0
+    return flow, valid
+
+
+# =============================================================================================
+# 3. Images and labels
+# =============================================================================================
+def read_image(path):
+    """Read an 8-bit RGB image -> (H, W, 3) uint8. A missing, unreadable or truncated file names itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later as a grey stripe
+            if img.mode != "RGB":
+                raise ValueError(f"expected an 8-bit RGB image, got mode {img.mode}")
+            return np.array(img)
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for broken files are OSErrors
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+
+
+def read_label(path, lut, known):
+    """Read an 8-bit single-channel label PNG and map its values through `lut` -> (H, W) int64.
+
+    lut: (256,) int64, the label to store for every stored value, -1 for values outside the
+    dataset's known set; `known` describes that set for the error message. Unknown values are an
+    error, never clipped or silently ignored (an unmapped labelIds file would otherwise train on
+    nonsense).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: label file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("L", "P"):
+                raise ValueError(f"expected a single-channel 8-bit label image, got mode {img.mode}")
+            raw = np.array(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read label image ({e})") from None
+    label = lut[raw]
+    if (label < 0).any():
+        bad = np.unique(raw[label < 0]).tolist()
+        raise ValueError(f"{path}: label values {bad[:10]} are outside the known set ({known})")
+    return label
+
+
+def _lut(mapping):
+    """{stored value: label} -> (256,) int64 lookup table, -1 for every value not in the mapping."""
+    lut = np.full(256, -1, dtype=np.int64)
+    for stored, label in mapping.items():
+        lut[stored] = label
+    return lut
+
+
+def train_id_lut(num_classes):
+    """Labels stored as train ids already: 0..num_classes-1 and 255 (ignore) are the known set."""
+    return _lut({**{k: k for k in range(num_classes)}, 255: 255})
+
+
+def _check_same_size(path_a, shape_a, path_b, shape_b):
+    if tuple(shape_a[:2]) != tuple(shape_b[:2]):
+        raise ValueError(f"size mismatch: {path_a} is {shape_a[1]}x{shape_a[0]} but {path_b} is "
+                         f"{shape_b[1]}x{shape_b[0]} (width x height); they must be the same frame size")
+
+
+def _to_tensor(image):
+    """(H, W, 3) uint8 -> (3, H, W) float32 RGB in [0, 1]."""
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Cityscapes: (name, id, trainId, category, colour) for every label, copied from cityscapesScripts'
+# helpers/labels.py. Pixels of ids whose trainId is 255 are ignored in training and evaluation.
+# ---------------------------------------------------------------------------------------------
+CITYSCAPES_LABELS = (
+    ("unlabeled", 0, 255, "void", (0, 0, 0)),
+    ("ego vehicle", 1, 255, "void", (0, 0, 0)),
+    ("rectification border", 2, 255, "void", (0, 0, 0)),
+    ("out of roi", 3, 255, "void", (0, 0, 0)),
+    ("static", 4, 255, "void", (0, 0, 0)),
+    ("dynamic", 5, 255, "void", (111, 74, 0)),
+    ("ground", 6, 255, "void", (81, 0, 81)),
+    ("road", 7, 0, "flat", (128, 64, 128)),
+    ("sidewalk", 8, 1, "flat", (244, 35, 232)),
+    ("parking", 9, 255, "flat", (250, 170, 160)),
+    ("rail track", 10, 255, "flat", (230, 150, 140)),
+    ("building", 11, 2, "construction", (70, 70, 70)),
+    ("wall", 12, 3, "construction", (102, 102, 156)),
+    ("fence", 13, 4, "construction", (190, 153, 153)),
+    ("guard rail", 14, 255, "construction", (180, 165, 180)),
+    ("bridge", 15, 255, "construction", (150, 100, 100)),
+    ("tunnel", 16, 255, "construction", (150, 120, 90)),
+    ("pole", 17, 5, "object", (153, 153, 153)),
+    ("polegroup", 18, 255, "object", (153, 153, 153)),
+    ("traffic light", 19, 6, "object", (250, 170, 30)),
+    ("traffic sign", 20, 7, "object", (220, 220, 0)),
+    ("vegetation", 21, 8, "nature", (107, 142, 35)),
+    ("terrain", 22, 9, "nature", (152, 251, 152)),
+    ("sky", 23, 10, "sky", (70, 130, 180)),
+    ("person", 24, 11, "human", (220, 20, 60)),
+    ("rider", 25, 12, "human", (255, 0, 0)),
+    ("car", 26, 13, "vehicle", (0, 0, 142)),
+    ("truck", 27, 14, "vehicle", (0, 0, 70)),
+    ("bus", 28, 15, "vehicle", (0, 60, 100)),
+    ("caravan", 29, 255, "vehicle", (0, 0, 90)),
+    ("trailer", 30, 255, "vehicle", (0, 0, 110)),
+    ("train", 31, 16, "vehicle", (0, 80, 100)),
+    ("motorcycle", 32, 17, "vehicle", (0, 0, 230)),
+    ("bicycle", 33, 18, "vehicle", (119, 11, 32)),
+    # labels.py gives the license plate id -1 and trainId -1; json2labelImg never draws negative
+    # ids, so it cannot occur in a *_labelIds.png and is not in the lookup table below.
+    ("license plate", -1, -1, "vehicle", (0, 0, 142)),
+)
+CITYSCAPES_LABEL_TO_TRAIN = {label_id: train_id for _, label_id, train_id, _, _ in CITYSCAPES_LABELS}
+CITYSCAPES_TRAIN = sorted((t, name, cat, colour) for name, _, t, cat, colour in CITYSCAPES_LABELS if 0 <= t < 255)
+CITYSCAPES_CLASSES = tuple(name for _, name, _, _ in CITYSCAPES_TRAIN)  # the 19 classes, by train id
+CITYSCAPES_PALETTE = tuple(colour for _, _, _, colour in CITYSCAPES_TRAIN)
+# "IoU cat": the 7 categories of labels.py (catIds 1..7; catId 0 is void), as indices 0..6 per train id.
+CITYSCAPES_CATEGORIES = ("flat", "construction", "object", "nature", "sky", "human", "vehicle")
+CITYSCAPES_TRAIN_TO_CATEGORY = tuple(CITYSCAPES_CATEGORIES.index(cat) for _, _, cat, _ in CITYSCAPES_TRAIN)
+CITYSCAPES_LABEL_LUT = _lut({i: t for i, t in CITYSCAPES_LABEL_TO_TRAIN.items() if i >= 0})
+
+# ---------------------------------------------------------------------------------------------
+# CamVid in the SegNet layout: annotation values 0..10 are the 11 classes, 11 is void.
+# ---------------------------------------------------------------------------------------------
+CAMVID_CLASSES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car",
+                  "pedestrian", "bicyclist")
+CAMVID_PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (0, 0, 192), (128, 128, 0),
+                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
+CAMVID_LUT = _lut({**{k: k for k in range(11)}, 11: 255})
+
+
+# =============================================================================================
+# 4. The synthetic world
+#
+# A small stand-in for Cityscapes whose ground truth is exact for every frame: labels, forward and
+# backward flow, occlusion. Each 30-frame snippet is rendered in layers on one plane:
+#   * the static scene (road, sidewalk, building, vegetation, sky) is a textured canvas seen
+#     through a camera that pans and zooms: pixel p of frame t sees the world point
+#         X = o_t + s_t (p - c)          (c the image centre, s_t world units per pixel);
+#   * objects (cars, people, bicycles) are textured sprites with their own translations q_t,
+#     composited far to near; the material point at sprite coordinate L is at X = q_t + L.
+# Every pixel shows the frontmost surface at its centre, so the flow is exact: the point X seen at
+# p in frame t is at X + (q_{t+1} - q_t) in frame t+1 (q constant for the static scene), i.e. at
+#     p' = c + (X + q_{t+1} - q_t - o_{t+1}) / s_{t+1},   F_t->t+1(p) = p' - p.
+# A pixel of t is occluded (no correspondence in t+1) where a nearer sprite covers p' at t+1, or p'
+# leaves the image. Colours are sampled bilinearly from the textures at X, so warping frame t+1 by
+# the flow reproduces frame t up to interpolation error, the 1/64-px rounding of the KITTI PNG and
+# the brightness change below. Labels take the class of the texel nearest X.
+#
+# Flow2Seg's premise is built in: car_moving and car_parked come from one sprite generator (each
+# sprite is used once as a parked and once as a moving car, at the same height distribution), so
+# appearance and position say nothing about the class; a parked car moves exactly with the static
+# scene, a moving one does not.
+# Brightness (our choice of "mild"): a global gain per frame, starting in [0.95, 1.05] and changing
+# by at most 1 % from one frame to the next, kept in [0.9, 1.1]; textures stay in [0.04, 0.88], so
+# no pixel clips.
+# =============================================================================================
+SYNTH_CLASSES = ("road", "sidewalk", "building", "vegetation", "sky", "car_moving", "car_parked", "person", "bicycle")
+SYNTH_PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (107, 142, 35), (70, 130, 180), (0, 0, 142),
+                 (250, 170, 30), (220, 20, 60), (119, 11, 32))
+ROAD, SIDEWALK, BUILDING, VEGETATION, SKY, CAR_MOVING, CAR_PARKED, PERSON, BICYCLE = range(len(SYNTH_CLASSES))
+NUM_CLASSES = {"cityscapes": len(CITYSCAPES_CLASSES), "camvid": len(CAMVID_CLASSES), "synthetic": len(SYNTH_CLASSES)}
+SNIPPET_LENGTH = 30  # frames per snippet, as in Cityscapes
+LABELLED_INDEX = 19  # the 20th frame carries the gtFine label, as in Cityscapes
+SNIPPETS_PER_CITY = 10
+SYNTH_DEFAULT_ROOT = "data/synthetic"
+SYNTH_FOLDERS = ("leftImg8bit_sequence", "gtFine", "gt_all", "flow_fw", "flow_bw", "occ_fw")
+
+Sprite = namedtuple("Sprite", "cls texture mask pos")  # texture (h, w, 3), mask (h, w) bool, pos (T, 2) of texel (0, 0)
+
+
+def _bilinear(texture, x, y):
+    """Sample texture (h, w, C) at real texel coordinates x, y (equal shapes) -> (*x.shape, C).
+
+    Texel (i, j) is at x = j, y = i; coordinates outside [0, w-1] x [0, h-1] take the edge value.
+    """
+    h, w = texture.shape[:2]
+    x, y = np.clip(x, 0, w - 1), np.clip(y, 0, h - 1)
+    x0 = np.minimum(np.floor(x), w - 2).astype(np.int64)  # x = w-1 uses the last cell with weight 1
+    y0 = np.minimum(np.floor(y), h - 2).astype(np.int64)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    flat, i = texture.reshape(h * w, -1), y0 * w + x0  # one flat index per sample: faster than two
+    top = flat[i] + fx * (flat[i + 1] - flat[i])
+    bottom = flat[i + w] + fx * (flat[i + w + 1] - flat[i + w])
+    return top + fy * (bottom - top)
+
+
+def _lerp_along(array, coords, axis):
+    """Linear interpolation of `array` at real indices `coords` (1-D) along `axis`, edges replicated."""
+    n = array.shape[axis]
+    coords = np.clip(coords, 0, n - 1)
+    i0 = np.minimum(np.floor(coords), n - 2).astype(np.int64)
+    f = (coords - i0).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+    a0 = array.take(i0, axis)
+    return a0 + f * (array.take(i0 + 1, axis) - a0)
+
+
+def _smooth_noise(rng, shape, cell):
+    """Random values in [0, 1] on a grid of spacing `cell` texels, bilinearly interpolated: (h, w)."""
+    h, w = shape
+    grid = rng.random((int(h / cell) + 2, int(w / cell) + 2, 1))
+    y, x = np.mgrid[0:h, 0:w] / cell
+    return _bilinear(grid, x, y)[..., 0]
+
+
+def _finish_texture(texture):
+    """Blur by [1, 2, 1] / 4 along both axes (edges replicated), which removes single-texel detail
+    that bilinear resampling cannot carry from one frame to the next, and keep the colours in
+    [0.04, 0.88], so that no brightness gain in [0.9, 1.1] clips."""
+    for axis in (0, 1):
+        p = np.concatenate([texture.take([0], axis), texture, texture.take([-1], axis)], axis)
+        n = texture.shape[axis]
+        texture = 0.25 * p.take(range(0, n), axis) + 0.5 * texture + 0.25 * p.take(range(2, n + 2), axis)
+    return np.clip(texture, 0.04, 0.88)
+
+
+def _segment_distance(x, y, a, b):
+    """Distance of points (x, y) to the segment a-b (2-tuples)."""
+    ax, ay = a
+    dx, dy = b[0] - ax, b[1] - ay
+    f = np.clip(((x - ax) * dx + (y - ay) * dy) / (dx * dx + dy * dy), 0, 1)
+    return np.hypot(x - ax - f * dx, y - ay - f * dy)
+
+
+def _sprite_coords(h, w):
+    """Texel grid of a sprite: u, v in (0, 1) across its width and height; x, y in texels."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    return (x + 0.5) / w, (y + 0.5) / h, x, y
+
+
+CAR_COLOURS = ((0.75, 0.12, 0.1), (0.12, 0.2, 0.6), (0.85, 0.85, 0.82), (0.55, 0.56, 0.58), (0.12, 0.12, 0.14),
+               (0.1, 0.4, 0.22), (0.85, 0.7, 0.12))
+
+
+def _car_sprite(rng, height):
+    """A car: rounded body, cabin with windows, two wheels. The one generator of both car classes."""
+    length = rng.uniform(0.32, 0.45) * height
+    h, w = max(4, round(length * rng.uniform(0.38, 0.46))), max(6, round(length))
+    u, v, x, y = _sprite_coords(h, w)
+    if rng.random() < 0.5:  # facing left or right
+        u = 1 - u
+    body = ((u - 0.5) / 0.49) ** 6 + ((v - 0.62) / 0.24) ** 6 <= 1
+    cabin = (v >= 0.06) & (v <= 0.42) & (u >= 0.2 + 0.15 * (0.42 - v)) & (u <= 0.75 - 0.1 * (0.42 - v))
+    glass = ((v >= 0.13) & (v <= 0.4) & (u >= 0.26 + 0.15 * (0.42 - v)) & (u <= 0.69 - 0.1 * (0.42 - v))
+             & (np.abs(u - 0.48) > 0.025))
+    r = 0.17 * h
+    hub = np.minimum(np.hypot(x + 0.5 - 0.23 * w, y + 0.5 - 0.84 * h), np.hypot(x + 0.5 - 0.77 * w, y + 0.5 - 0.84 * h))
+    colour = np.array(CAR_COLOURS[rng.integers(len(CAR_COLOURS))])
+    texture = colour * (1.08 - 0.25 * v)[..., None] * (0.92 + 0.16 * _smooth_noise(rng, (h, w), 3))[..., None]
+    texture[glass] = np.array([0.2, 0.25, 0.33]) + 0.15 * (1 - v[glass])[:, None]
+    texture[hub <= r] = 0.08
+    texture[hub <= 0.45 * r] = 0.5
+    return _finish_texture(texture), body | cabin | (hub <= r)
+
+
+def _person_sprite(rng, height):
+    """A pedestrian: head, torso, two legs; random skin, shirt and trouser colours."""
+    h = max(6, round(rng.uniform(0.2, 0.28) * height))
+    w = max(3, round(0.34 * h))
+    u, v, x, y = _sprite_coords(h, w)
+    head = np.hypot((u - 0.5) * w, (v - 0.09) * h) <= 0.085 * h
+    torso = ((u - 0.5) / 0.4) ** 4 + ((v - 0.37) / 0.19) ** 4 <= 1
+    legs = (v >= 0.54) & ((np.abs(u - 0.31) <= 0.14) | (np.abs(u - 0.69) <= 0.14))
+    skins = ((0.85, 0.68, 0.55), (0.6, 0.42, 0.3), (0.35, 0.24, 0.18))
+    texture = np.empty((h, w, 3))
+    texture[...] = rng.uniform(0.1, 0.45, 3)  # trousers
+    texture[v < 0.56] = rng.uniform(0.15, 0.88, 3)  # shirt
+    texture[v < 0.17] = skins[rng.integers(len(skins))]
+    texture *= (0.9 + 0.2 * _smooth_noise(rng, (h, w), 2.5))[..., None]
+    return _finish_texture(texture), head | torso | legs
+
+
+def _bicycle_sprite(rng, height):
+    """A bicycle: two wheels (tyre and lighter spokes) and a bright frame of thick segments."""
+    h = max(5, round(rng.uniform(0.13, 0.17) * height))
+    w = round(1.75 * h)
+    u, v, x, y = _sprite_coords(h, w)
+    px, py = x + 0.5, y + 0.5
+    r = 0.3 * h
+    wheel = np.minimum(np.hypot(px - 0.22 * w, py - 0.68 * h), np.hypot(px - 0.78 * w, py - 0.68 * h))
+    points = {k: (a * w, b * h) for k, (a, b) in dict(rear=(0.22, 0.68), crank=(0.45, 0.68), seat=(0.35, 0.32),
+                                                      head=(0.7, 0.32), front=(0.78, 0.68), bar=(0.72, 0.1)).items()}
+    segments = (("rear", "crank"), ("crank", "seat"), ("seat", "head"), ("crank", "head"), ("head", "front"),
+                ("head", "bar"))
+    frame = np.min([_segment_distance(px, py, points[a], points[b]) for a, b in segments], axis=0) <= max(0.7, 0.06 * h)
+    texture = np.empty((h, w, 3))
+    texture[...] = rng.choice([0.1, 0.85], 3) * 0.8 + rng.uniform(0.05, 0.15, 3)  # a bright frame colour
+    texture[wheel <= r] = 0.1
+    texture[wheel <= 0.75 * r] = 0.6
+    return _finish_texture(texture), (wheel <= r) | frame
+
+
+def _background(rng, xs, ys, height, unit):
+    """The static scene on a canvas of texels at world coordinates xs (columns), ys (rows).
+
+    Bands from the top (v = 0 at the top of frame 0, 1 at its bottom): sky, then blocks of
+    building or vegetation along x with their own top lines, then the sidewalk, then the road.
+    Returns label (Hc, Wc) uint8, texture (Hc, Wc, 3) in [0.04, 0.88], road_top and kerb (in v).
+    """
+    shape = (len(ys), len(xs))
+    Y, X = np.meshgrid(ys, xs, indexing="ij")
+    v = (Y + (height - 1) / 2) / height
+
+    def noise(cell):  # detail no finer than 2 texels, at any image size
+        return _smooth_noise(rng, shape, max(2.0, cell * unit))
+
+    road_top = rng.uniform(0.68, 0.74)
+    kerb = road_top - rng.uniform(0.08, 0.12)
+    # Blocks of building or vegetation along x, each column knowing its block's left edge and top.
+    edges, kinds, tops = [xs[0]], [], []
+    while edges[-1] <= xs[-1]:
+        kinds.append(BUILDING if rng.random() < 0.6 else VEGETATION)
+        tops.append(rng.uniform(0.05, 0.35) if kinds[-1] == BUILDING else rng.uniform(0.2, 0.42))
+        edges.append(edges[-1] + rng.uniform(0.25, 0.7) * height)
+    block = np.searchsorted(edges, xs, side="right") - 1  # (Wc,) block index of every column
+    kind, top, left = np.array(kinds)[block], np.array(tops)[block], np.array(edges)[block]
+    top = top + np.where(kind == VEGETATION, 0.08 * (_smooth_noise(rng, (1, len(xs)), 6)[0] - 0.5), 0)
+
+    label = np.full(shape, SKY, dtype=np.uint8)
+    label = np.where(v >= top, kind, label)
+    label[v >= kerb] = SIDEWALK
+    label[v >= road_top] = ROAD
+
+    texture = np.zeros(shape + (3,))
+    sky = np.clip((v + 0.2) / 0.6, 0, 1)[..., None] * np.array([0.3, 0.23, 0.06]) + np.array([0.4, 0.55, 0.82])
+    clouds = np.clip((noise(40) + 0.5 * noise(12) - 0.85) * 4, 0, 1)[..., None]
+    texture = np.where((label == SKY)[..., None], sky * (1 - clouds) + 0.86 * clouds, texture)
+
+    facade = np.array([(0.55, 0.45, 0.38), (0.6, 0.6, 0.58), (0.72, 0.66, 0.52), (0.45, 0.42, 0.45), (0.66, 0.5, 0.42)])
+    wall = facade[rng.integers(len(facade), size=len(edges))[block]] * (0.9 + 0.2 * noise(8))[..., None]
+    period_x, period_y = max(5.0, 11 * unit), max(6.0, 13 * unit)
+    window = (((X - left) % period_x) > 0.35 * period_x) & (((Y - top * height) % period_y) > 0.35 * period_y)
+    wall = np.where(window[..., None], np.array([0.16, 0.2, 0.28]) + 0.1 * noise(3)[..., None], wall)
+    texture = np.where((label == BUILDING)[..., None], wall, texture)
+
+    leaves = np.array([0.16, 0.38, 0.1]) * (0.55 + 0.9 * (0.5 * noise(10) + 0.3 * noise(4) + 0.2 * noise(2)))[..., None]
+    texture = np.where((label == VEGETATION)[..., None], leaves, texture)
+
+    tiles = ((X % max(4.0, 14 * unit)) < 1.5) | ((Y % max(3.0, 6 * unit)) < 1.2)
+    pavement = np.array([0.62, 0.58, 0.57]) * ((0.92 + 0.16 * noise(6)) * np.where(tiles, 0.75, 1.0))[..., None]
+    texture = np.where((label == SIDEWALK)[..., None], pavement, texture)
+
+    lane = (np.abs(v - (road_top + 1) / 2) * height < max(1.0, 1.5 * unit)) & ((X % (32 * unit)) < 16 * unit)
+    asphalt = (0.36 + 0.08 * (noise(3) - 0.5) + 0.05 * (noise(20) - 0.5))[..., None] * np.array([1.0, 1.0, 1.05])
+    asphalt = np.where(lane[..., None], 0.8, asphalt)
+    texture = np.where((label == ROAD)[..., None], asphalt, texture)
+    return label.astype(np.uint8), _finish_texture(texture), road_top, kerb
+
+
+class _Scene:
+    """One snippet: camera path (o, s), brightness gains, the static canvas, the sprites far to near."""
+
+    def __init__(self, rng, height, width):
+        T, L = SNIPPET_LENGTH, LABELLED_INDEX
+        unit = height / 128  # sizes and speeds below are stated for a 128-pixel-high image
+        t = np.arange(T, dtype=np.float64)
+        self.height, self.width = height, width
+        self.c = np.array([(width - 1) / 2, (height - 1) / 2])
+        # Camera: a pan of 0.5-2.5 px/frame with a slight tilt and bounce, zoom up to 0.5 %/frame.
+        pan = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 2.5) * unit
+        bounce = rng.uniform(0, 0.5) * unit * np.sin(2 * np.pi * t / rng.uniform(6, 12) + rng.uniform(0, 2 * np.pi))
+        self.o = np.stack([pan * t, rng.uniform(-0.3, 0.3) * unit * t + bounce], axis=1)  # (T, 2)
+        self.s = np.exp(-rng.uniform(-0.005, 0.005) * t)  # (T,)
+        self.gain = np.clip(rng.uniform(0.95, 1.05) * np.cumprod(1 + rng.uniform(-0.01, 0.01, T)), 0.9, 1.1)
+
+        # The canvas covers every frame's view plus a margin of 4 texels.
+        corners = np.array([[0, 0], [width - 1, height - 1]], dtype=np.float64)
+        seen = self.o[:, None] + self.s[:, None, None] * (corners - self.c)  # (T, 2 corners, 2)
+        lo, hi = np.floor(seen.min(axis=(0, 1))) - 4, np.ceil(seen.max(axis=(0, 1))) + 4
+        self.x0, self.y0 = lo
+        xs, ys = np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1)
+        self.label, self.texture, road_top, kerb = _background(rng, xs, ys, height, unit)
+
+        # Sprites, placed by where they are at the labelled frame: the first of each class inside the
+        # central 70 % of the view (so every class is on screen there), the others up to half a view
+        # outside it (so they enter or leave the frame). Depth = the v of the sprite's bottom.
+        view_lo = self.o[L, 0] - self.s[L] * self.c[0]
+        span = 2 * self.s[L] * self.c[0]
+        sprites = []
+
+        def add(cls, texture, mask, bottom, vx, first, bob=0.0):
+            h, w = mask.shape
+            xc = view_lo + span * (rng.uniform(0.15, 0.85) if first else rng.uniform(-0.5, 1.5))
+            wobble = bob * np.sin(2 * np.pi * t / 8 + rng.uniform(0, 2 * np.pi))  # a walking bob
+            pos = np.stack([xc - w / 2 + vx * (t - L), np.full(T, bottom * height - self.c[1] - h) + wobble], axis=1)
+            sprites.append((bottom + 1e-3 * rng.random(), Sprite(cls, texture, mask, pos)))
+
+        def side():
+            return rng.choice([-1.0, 1.0])
+
+        for k in range(rng.integers(2, 4)):
+            texture, mask = _car_sprite(rng, height)
+            add(CAR_PARKED, texture, mask, rng.uniform(road_top + 0.08, 0.98), 0.0, k == 0)
+            speed = side() * rng.uniform(1.5, 4) * unit
+            add(CAR_MOVING, texture, mask, rng.uniform(road_top + 0.08, 0.98), speed, k == 0)
+        for k in range(rng.integers(2, 5)):
+            add(PERSON, *_person_sprite(rng, height), rng.uniform(kerb + 0.03, road_top + 0.02),
+                side() * rng.uniform(0.4, 1.0) * unit, k == 0, bob=0.5 * unit)
+        for k in range(rng.integers(1, 3)):
+            add(BICYCLE, *_bicycle_sprite(rng, height), rng.uniform(road_top + 0.04, road_top + 0.12),
+                side() * rng.uniform(1.0, 2.5) * unit, k == 0)
+        self.sprites = [sprite for _, sprite in sorted(sprites, key=lambda d: d[0])]  # far to near
+
+    def to_world(self, t, px, py):
+        return self.o[t, 0] + self.s[t] * (px - self.c[0]), self.o[t, 1] + self.s[t] * (py - self.c[1])
+
+    def to_pixel(self, t, X, Y):
+        return self.c[0] + (X - self.o[t, 0]) / self.s[t], self.c[1] + (Y - self.o[t, 1]) / self.s[t]
+
+    def frontmost(self, t, X, Y):
+        """Which surface is frontmost at world points (X, Y) in frame t: -1 for the static scene,
+        else the sprite's depth rank (larger = nearer). A sprite covers a point when the texel
+        nearest the point's sprite coordinate is inside its mask."""
+        front = np.full(X.shape, -1, dtype=np.int64)
+        lo, hi = (X.min(), Y.min()), (X.max(), Y.max())
+        for k, sprite in enumerate(self.sprites):
+            h, w = sprite.mask.shape
+            x, y = sprite.pos[t]
+            if x - 1 > hi[0] or y - 1 > hi[1] or x + w < lo[0] or y + h < lo[1]:
+                continue  # nowhere near the points
+            ix, iy = np.rint(X - x).astype(np.int64), np.rint(Y - y).astype(np.int64)
+            inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+            if inside.any():
+                hit = np.zeros_like(inside)
+                hit[inside] = sprite.mask[iy[inside], ix[inside]]
+                front[hit] = k
+        return front
+
+    def render(self, t):
+        """Frame t -> dict: image (H, W, 3) uint8, label (H, W) uint8, and where the neighbours exist
+        flow_fw = F_t->t+1, flow_bw = F_t->t-1 ((H, W, 2) float64 px), occ_fw (H, W) bool."""
+        H, W = self.height, self.width
+        py, px = np.mgrid[0:H, 0:W].astype(np.float64)
+        X, Y = self.to_world(t, px, py)
+        front = self.frontmost(t, X, Y)
+        # The static scene: X depends on the column only and Y on the row only, so the bilinear
+        # sampling is done as two 1-D interpolations (the same numbers, several times faster).
+        cols, rows = X[0] - self.x0, Y[:, 0] - self.y0
+        rgb = _lerp_along(_lerp_along(self.texture, rows, 0), cols, 1)  # (H, W, 3)
+        label = self.label[np.ix_(np.rint(rows).astype(np.int64), np.rint(cols).astype(np.int64))]
+        steps = {dt: np.zeros((H, W, 2)) for dt in (-1, 1) if 0 <= t + dt < SNIPPET_LENGTH}  # world motion
+        for k, sprite in enumerate(self.sprites):
+            m = front == k
+            if m.any():
+                rgb[m] = _bilinear(sprite.texture, X[m] - sprite.pos[t, 0], Y[m] - sprite.pos[t, 1])
+                label[m] = sprite.cls
+                for dt, step in steps.items():
+                    step[m] = sprite.pos[t + dt] - sprite.pos[t]
+        frame = {"image": np.rint(np.clip(self.gain[t] * rgb, 0, 1) * 255).astype(np.uint8), "label": label}
+        for dt, step in steps.items():
+            Xn, Yn = X + step[..., 0], Y + step[..., 1]  # where the visible points are in frame t + dt
+            qx, qy = self.to_pixel(t + dt, Xn, Yn)
+            frame["flow_fw" if dt == 1 else "flow_bw"] = np.stack([qx - px, qy - py], axis=-1)
+            if dt == 1:
+                inside = (qx >= 0) & (qx <= W - 1) & (qy >= 0) & (qy <= H - 1)
+                frame["occ_fw"] = ~inside | (self.frontmost(t + 1, Xn, Yn) > front)
+        return frame
+
+
+def _save_png(path, array):
+    Image.fromarray(array).save(path, compress_level=1)  # level 1: 3x faster than the default 6, files 15 % larger
+
+
+def _synth_city(split, index):
+    """City name and sequence number of a split's index-th snippet: train synth0.., val synthval0..."""
+    return f"synth{'val' if split == 'val' else ''}{index // SNIPPETS_PER_CITY}", index % SNIPPETS_PER_CITY
+
+
+def _write_snippet(job):
+    """Render one snippet and write its 30 frames and ground truth (runs in a worker process)."""
+    out, split, index, seed, height, width = job
+    rng = np.random.default_rng([seed, ("train", "val").index(split), index])
+    start = int(rng.integers(0, 100))  # the snippet's first frame number: the labelled one is start + 19
+    scene = _Scene(rng, height, width)
+    city, seq = _synth_city(split, index)
+    folder = {name: out / name / split / city for name in SYNTH_FOLDERS}
+    for i in range(SNIPPET_LENGTH):
+        frame = scene.render(i)
+        prefix = f"{city}_{seq:06d}_{start + i:06d}"
+        _save_png(folder["leftImg8bit_sequence"] / f"{prefix}_leftImg8bit.png", frame["image"])
+        _save_png(folder["gt_all"] / f"{prefix}_gtFine_labelTrainIds.png", frame["label"])
+        if i == LABELLED_INDEX:
+            _save_png(folder["gtFine"] / f"{prefix}_gtFine_labelTrainIds.png", frame["label"])
+        if "flow_fw" in frame:
+            write_kitti_flow(folder["flow_fw"] / f"{prefix}_leftImg8bit_flow.png", frame["flow_fw"])
+            _save_png(folder["occ_fw"] / f"{prefix}_leftImg8bit_occ.png", frame["occ_fw"].astype(np.uint8) * 255)
+        if "flow_bw" in frame:
+            write_kitti_flow(folder["flow_bw"] / f"{prefix}_leftImg8bit_flow.png", frame["flow_bw"])
+
+
+def make_synthetic_world(out=SYNTH_DEFAULT_ROOT, num_train=40, num_val=10, size=(128, 256), seed=0, workers=None,
+                         overwrite=False):
+    """Write the synthetic world under `out` in the Cityscapes layout (see the README's "Data").
+
+    Snippets of a split are grouped into cities of SNIPPETS_PER_CITY: train cities synth0, synth1..,
+    val cities synthval0...; every snippet's content depends only on (seed, split, index), so the
+    files are byte-identical for the same seed whatever `workers` is. `workers` processes render
+    snippets in parallel (default: every CPU core). An existing non-empty `out` is refused unless
+    `overwrite`, which deletes the world's own folders and classes.json there first.
+    """
+    out = Path(out)
+    height, width = int(size[0]), int(size[1])
+    if height < 32 or width < 32:
+        raise ValueError(f"synthetic world size {height}x{width}: height and width must be at least 32 pixels")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        for name in SYNTH_FOLDERS:
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "classes.json").unlink(missing_ok=True)
+    jobs = []
+    for split, count in (("train", num_train), ("val", num_val)):
+        for index in range(count):
+            jobs.append((out, split, index, seed, height, width))
+            for name in SYNTH_FOLDERS:
+                (out / name / split / _synth_city(split, index)[0]).mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            list(pool.map(_write_snippet, jobs))
+    else:
+        for job in jobs:
+            _write_snippet(job)
+    info = {"names": list(SYNTH_CLASSES), "palette": [list(c) for c in SYNTH_PALETTE], "ignore": 255,
+            "size": [height, width], "train": num_train, "val": num_val, "seed": seed,
+            "snippet_length": SNIPPET_LENGTH, "labelled_index": LABELLED_INDEX}
+    (out / "classes.json").write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
+# =============================================================================================
+# 5. Datasets. Map-style (so DataLoader workers and DistributedSampler work as they are); each
+# item is a dict of tensors (see the top of the file), transformed by `transform` (a
+# JointTransform) or, without one, only normalised.
+# =============================================================================================
+Snippet = namedtuple("Snippet", "frames labelled label")  # frame paths in time order, labelled frame's index, its label
+CITYSCAPES_NAME = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})_gtFine_(?P<kind>labelIds|labelTrainIds)"
+                             r"\.png$")
+
+
+def _cityscapes_layout(root, split, images="leftImg8bit_sequence"):
+    what = "the 30 frames of each snippet" if images == "leftImg8bit_sequence" else "the labelled frames"
+    return (f"expected the Cityscapes layout {root}/gtFine/{split}/CITY/CITY_SEQ_FRAME_gtFine_labelIds.png "
+            f"(or _labelTrainIds.png) and {root}/{images}/{split}/CITY/CITY_SEQ_FRAME_leftImg8bit.png for {what}")
+
+
+def _listing(folder, layout):
+    """The file names in `folder` (one directory read, then set lookups instead of a stat per frame)."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder} not found: {layout}")
+    return set(os.listdir(folder))
+
+
+def _lister(layout):
+    """folder -> its file names, each folder read once: a Cityscapes split looks up some 90,000
+    frames in a few dozen city folders."""
+    cache = {}
+
+    def names(folder):
+        if folder not in cache:
+            cache[folder] = _listing(folder, layout)
+        return cache[folder]
+
+    return names
+
+
+def _cityscapes_labelled(root, split, images="leftImg8bit_sequence"):
+    """Every labelled frame of a split -> [(city, seq, frame number, label path)], sorted.
+
+    A frame with both *_gtFine_labelTrainIds.png and *_gtFine_labelIds.png uses the train ids.
+    """
+    layout = _cityscapes_layout(root, split, images)
+    gt = Path(root) / "gtFine" / split
+    if not gt.is_dir():
+        raise FileNotFoundError(f"{gt} not found: {layout}")
+    found = {}
+    for city in sorted(p for p in gt.iterdir() if p.is_dir()):
+        for name in sorted(os.listdir(city)):
+            m = CITYSCAPES_NAME.match(name)
+            if m:
+                key = (m["city"], m["seq"], int(m["frame"]))
+                if m["kind"] == "labelTrainIds" or key not in found:
+                    found[key] = city / name
+    if not found:
+        raise FileNotFoundError(f"{gt} holds no *_gtFine_labelIds.png or *_gtFine_labelTrainIds.png: {layout}")
+    return [key + (path,) for key, path in sorted(found.items())]
+
+
+def _dataset_classes(root):
+    """Class names of a Cityscapes-layout root: its classes.json (the synthetic world), else Cityscapes' 19."""
+    path = Path(root) / "classes.json"
+    return tuple(json.loads(path.read_text())["names"]) if path.is_file() else CITYSCAPES_CLASSES
+
+
+def _read_cityscapes_label(path, num_classes):
+    """A gtFine label -> (H, W) int64 train ids: *_labelTrainIds.png as stored, *_labelIds.png mapped
+    with the official table (every id whose trainId is 255 becomes 255)."""
+    if Path(path).name.endswith("_labelTrainIds.png"):
+        return read_label(path, train_id_lut(num_classes), f"train ids 0..{num_classes - 1} and 255")
+    return read_label(path, CITYSCAPES_LABEL_LUT, "Cityscapes label ids 0..33")
+
+
+def _cityscapes_snippets(root, split):
+    """The 30 frames of every labelled Cityscapes snippet -> [Snippet], checking that they all exist."""
+    layout, snippets = _cityscapes_layout(root, split), []
+    listing = _lister(layout)
+    for city, seq, frame, label in _cityscapes_labelled(root, split):
+        folder = root / "leftImg8bit_sequence" / split / city
+        names = listing(folder)
+        numbers = range(frame - LABELLED_INDEX, frame + SNIPPET_LENGTH - LABELLED_INDEX)
+        frames = [folder / f"{city}_{seq}_{n:06d}_leftImg8bit.png" for n in numbers]
+        missing = [f for f in frames if f.name not in names]
+        if missing:  # (a labelled frame number below 19 leaves negative numbers, which are missing too)
+            raise FileNotFoundError(f"{missing[0]} not found: the labelled frame {label.name} is the 20th of the "
+                                    f"30 frames {numbers[0]:06d}..{numbers[-1]:06d} ({len(missing)} missing); {layout}")
+        snippets.append(Snippet(frames, LABELLED_INDEX, label))
+    return snippets
+
+
+def _labelled_frame(image_path, label_path, label):
+    """The sample {image, label} of one frame and its (already read) label, sizes checked."""
+    image = read_image(image_path)
+    _check_same_size(image_path, image.shape, label_path, label.shape)
+    return {"image": _to_tensor(image), "label": torch.from_numpy(label)}
+
+
+def _finish(sample, transform):
+    return transform(sample) if transform is not None else normalize_sample(sample)
+
+
+def sample_pairs(num_frames, labelled, count, max_gap, rng):
+    """EFC "Implementation Details": `count` pairs (i, t) of frames I_i, I_{i+t} of one snippet with
+    1 <= t <= max_gap, count // 2 of which contain the labelled frame (i or i + t == labelled).
+
+    Each half is drawn without replacement from its candidates (all pairs that do, or do not,
+    contain the labelled frame); when a half asks for more pairs than exist, it cycles through
+    fresh random orders of them, and when a snippet has no pair without the labelled frame, the
+    other half is drawn from the labelled pairs too. Returns a list of (i, t), labelled pairs first.
+    """
+    pairs = [(i, t) for t in range(1, max_gap + 1) for i in range(num_frames - t)]
+    with_label = [p for p in pairs if labelled in (p[0], p[0] + p[1])]
+    without = [p for p in pairs if labelled not in (p[0], p[0] + p[1])] or with_label
+
+    def draw(candidates, k):
+        order = np.concatenate([rng.permutation(len(candidates)) for _ in range(-(-k // len(candidates)))])
+        return [candidates[j] for j in order[:k]]
+
+    return draw(with_label, count // 2) + draw(without, count - count // 2)
+
+
+class _PairDataset(Dataset):
+    """EFC pairs from snippets (Cityscapes, CamVid with video frames). Subclasses set self.snippets
+    (a list of Snippet), pairs_per_snippet, max_gap, seed, transform and define _read_label(path).
+
+    Which pairs: drawn by `sample_pairs` from a generator seeded with (seed, epoch, snippet index),
+    so an item is a pure function of its index (any worker, any rank draws the same pair) and
+    `set_epoch(epoch)` (call it at the start of every epoch, like DistributedSampler.set_epoch)
+    draws new pairs. With persistent_workers=True the workers keep the epoch they were started
+    with: leave it off, or pairs repeat every epoch.
+    """
+    epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.snippets) * self.pairs_per_snippet
+
+    def pairs(self, s):
+        """The (i, t) pairs of snippet s in the current epoch."""
+        snippet = self.snippets[s]
+        rng = np.random.default_rng([self.seed, self.epoch, s])
+        return sample_pairs(len(snippet.frames), snippet.labelled, self.pairs_per_snippet, self.max_gap, rng)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} pairs")
+        s, slot = divmod(index, self.pairs_per_snippet)
+        snippet = self.snippets[s]
+        i, t = self.pairs(s)[slot]
+        sample = {"i": i, "t": t}
+        for name, k in (("a", i), ("b", i + t)):
+            path = snippet.frames[k]
+            image = read_image(path)
+            if k == snippet.labelled:
+                label = self._read_label(snippet.label)
+                _check_same_size(path, image.shape, snippet.label, label.shape)
+            else:
+                label = np.full(image.shape[:2], 255, dtype=np.int64)  # unlabelled: ignored by the loss
+            sample[f"image_{name}"] = _to_tensor(image)
+            sample[f"label_{name}"] = torch.from_numpy(label)
+            sample[f"labelled_{name}"] = torch.tensor(k == snippet.labelled)
+        _check_same_size(snippet.frames[i], sample["image_a"].shape[1:], snippet.frames[i + t],
+                         sample["image_b"].shape[1:])
+        return _finish(sample, self.transform)
+
+
+class CityscapesPairs(_PairDataset):
+    """EFC training pairs from Cityscapes video snippets (EFC "Implementation Details").
+
+    Every gtFine label marks a snippet: the labelled frame is the 20th of the 30 frames
+    FRAME-19 .. FRAME+10 in leftImg8bit_sequence (FRAME is not always 000019). Each snippet gives
+    `pairs_per_snippet` items (the paper: ten, with t in [1, 5], five containing the labelled frame).
+    Items: image_a, image_b (3, H, W) normalised, frame b = I_{i+t}; label_a, label_b (H, W) int64,
+    all 255 for an unlabelled frame; labelled_a, labelled_b bool tensors; i (frame a's index in its
+    snippet, 0..29) and t. Labels: train ids (num_classes, default: classes.json's count on the
+    synthetic world, else 19) or labelIds mapped to train ids.
+    """
+
+    def __init__(self, root, split, pairs_per_snippet=10, max_gap=5, transform=None, num_classes=None, seed=0):
+        if pairs_per_snippet < 1 or not 1 <= max_gap < SNIPPET_LENGTH:
+            raise ValueError(f"pairs_per_snippet ({pairs_per_snippet}) must be >= 1 and max_gap ({max_gap}) in [1, 29]")
+        self.root, self.split, self.transform = Path(root), split, transform
+        self.pairs_per_snippet, self.max_gap, self.seed = pairs_per_snippet, max_gap, seed
+        self.classes = _dataset_classes(root)
+        self.num_classes = num_classes or len(self.classes)
+        self.snippets = _cityscapes_snippets(self.root, split)
+
+    def _read_label(self, path):
+        return _read_cityscapes_label(path, self.num_classes)
+
+
+def flow_path(flow_dir, split, image_path, suffix=".flo"):
+    """Where a flow directory keeps the flow of an image: flow_dir/split/CITY/<image name without .png><suffix>
+    (e.g. aachen_000000_000019_leftImg8bit.flo). For Flow2Seg the file holds F_t->t-1 of that frame."""
+    image_path = Path(image_path)
+    return Path(flow_dir) / split / image_path.parent.name / (image_path.stem + suffix)
+
+
+class CityscapesFlow2Seg(Dataset):
+    """Flow2Seg 4.1: the labelled frame (the 20th), its previous frame (the 19th) and their flow.
+
+    Items: image, image_prev (3, H, W) normalised; label (H, W) int64; flow (2, H, W) = F_t->t-1 on
+    the labelled frame's grid (backward_warp(image_prev, flow) ~ image, aligned with label);
+    flow_valid (H, W) bool.
+    flow_dir mirrors the image names (see `flow_path`): CITY_SEQ_FRAME_leftImg8bit.flo,
+    _leftImg8bit_flow.png (KITTI 16-bit) or _leftImg8bit.npy under flow_dir/split/CITY/. Without
+    flow_dir, the synthetic world's ground truth root/flow_bw is used (same names). Every flow
+    file is looked for when the dataset is built: a missing one is an error naming it.
+    """
+
+    def __init__(self, root, split, flow_dir=None, transform=None, num_classes=None):
+        self.root, self.split, self.transform = Path(root), split, transform
+        self.classes = _dataset_classes(root)
+        self.num_classes = num_classes or len(self.classes)
+        labelled = _cityscapes_labelled(self.root, split)
+        if flow_dir is None:
+            if not (self.root / "flow_bw").is_dir():
+                raise FileNotFoundError(f"no flow_dir given and {self.root / 'flow_bw'} (the synthetic world's ground "
+                                        f"truth) does not exist: pass flow_dir, a folder of F_t->t-1 flows named "
+                                        f"FLOW_DIR/{split}/CITY/CITY_SEQ_FRAME_leftImg8bit.flo (or _flow.png, .npy)")
+            flow_dir = self.root / "flow_bw"
+        layout = _cityscapes_layout(root, split)
+        images = _lister(layout)
+        flows_in = _lister(f"expected a flow directory {flow_dir}/{split}/CITY/ (see flow_path)")
+        self.items = []  # (image, previous image, label, flow) paths
+        for city, seq, frame, label in labelled:
+            folder = self.root / "leftImg8bit_sequence" / split / city
+            names = images(folder)
+            image, prev = (folder / f"{city}_{seq}_{n:06d}_leftImg8bit.png" for n in (frame, frame - 1))
+            for path in (image, prev):
+                if path.name not in names:
+                    raise FileNotFoundError(f"{path} not found (Flow2Seg needs the labelled frame and the one "
+                                            f"before); {layout}")
+            expected = flow_path(flow_dir, split, image)
+            flow_names = flows_in(expected.parent)
+            flows = [flow_path(flow_dir, split, image, suffix) for suffix in FLOW_SUFFIXES]
+            flows = [f for f in flows if f.name in flow_names]
+            if not flows:
+                raise FileNotFoundError(f"{expected} not found (nor _flow.png, .npy): the flow "
+                                        f"F_t->t-1 of {image.name}")
+            self.items.append((image, prev, label, flows[0]))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        image_path, prev_path, label_path, flow_file = self.items[index]
+        image, prev = read_image(image_path), read_image(prev_path)
+        label = _read_cityscapes_label(label_path, self.num_classes)
+        flow, valid = read_flow(flow_file)
+        _check_same_size(image_path, image.shape, prev_path, prev.shape)
+        _check_same_size(image_path, image.shape, label_path, label.shape)
+        _check_same_size(image_path, image.shape, flow_file, flow.shape)
+        sample = {"image": _to_tensor(image),
+                  "image_prev": _to_tensor(prev),
+                  "label": torch.from_numpy(label),
+                  "flow": torch.from_numpy(flow).permute(2, 0, 1).contiguous(),  # (2, H, W)
+                  "flow_valid": torch.from_numpy(valid)}
+        return _finish(sample, self.transform)
+
+
+class CityscapesImages(Dataset):
+    """Single labelled frames: leftImg8bit/{split}/CITY/*_leftImg8bit.png with their gtFine labels
+    (image-only training of PSPNet / Image2Seg, evaluation). On a tree without leftImg8bit (the
+    synthetic world) it falls back to the labelled frames of leftImg8bit_sequence, which are the
+    same images. Items: image (3, H, W) normalised, label (H, W) int64."""
+
+    def __init__(self, root, split, transform=None, num_classes=None):
+        self.root, self.split, self.transform = Path(root), split, transform
+        self.classes = _dataset_classes(root)
+        self.num_classes = num_classes or len(self.classes)
+        folder = "leftImg8bit" if (self.root / "leftImg8bit").is_dir() else "leftImg8bit_sequence"
+        layout = _cityscapes_layout(root, split, folder)
+        listing = _lister(layout)
+        self.items = []  # (image, label) paths
+        for city, seq, frame, label in _cityscapes_labelled(self.root, split, folder):
+            image = self.root / folder / split / city / f"{city}_{seq}_{frame:06d}_leftImg8bit.png"
+            if image.name not in listing(image.parent):
+                raise FileNotFoundError(f"{image} not found, the image of {label}; {layout}")
+            self.items.append((image, label))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        image_path, label_path = self.items[index]
+        label = _read_cityscapes_label(label_path, self.num_classes)
+        return _finish(_labelled_frame(image_path, label_path, label), self.transform)
+
+
+class SyntheticSequence(Dataset):
+    """Every consecutive pair of frames of the synthetic world with all its ground truth (evaluation:
+    flow EPE, occlusion, temporal consistency of the segmentation).
+
+    Items, for frames a = I_i and b = I_{i+1} of a snippet (i = 0..28): image_a, image_b (3, H, W)
+    normalised; label_a, label_b (H, W) int64 (every frame is labelled in gt_all); flow_fw
+    (2, H, W) = F_a->b on a's grid, flow_fw_valid; occ_fw (H, W) bool, True where a's pixel is not
+    visible in b; flow_bw = F_b->a on b's grid, flow_bw_valid; snippet (index) and i.
+    """
+
+    def __init__(self, root, split, transform=None):
+        self.root, self.split, self.transform = Path(root), split, transform
+        self.classes = _dataset_classes(root)
+        self.num_classes = len(self.classes)
+        for name in SYNTH_FOLDERS:
+            if not (self.root / name / split).is_dir():
+                raise FileNotFoundError(f"{self.root / name / split} not found: SyntheticSequence expects a world "
+                                        f"written by `python data.py synth` (folders {', '.join(SYNTH_FOLDERS)})")
+        # per snippet, the 30 frames as "split/CITY/CITY_SEQ_FRAME": each folder appends its own suffix
+        self.snippets = [[f"{split}/{f.parent.name}/{f.name[:-len('_leftImg8bit.png')]}" for f in snippet.frames]
+                         for snippet in _cityscapes_snippets(self.root, split)]
+
+    def __len__(self):
+        return len(self.snippets) * (SNIPPET_LENGTH - 1)
+
+    def __getitem__(self, index):
+        s, i = divmod(index, SNIPPET_LENGTH - 1)
+        a, b = self.snippets[s][i], self.snippets[s][i + 1]
+        root = self.root
+        sample = {"snippet": s, "i": i}
+        for name, prefix in (("a", a), ("b", b)):
+            image = read_image(root / "leftImg8bit_sequence" / f"{prefix}_leftImg8bit.png")
+            sample[f"image_{name}"] = _to_tensor(image)
+            sample[f"label_{name}"] = torch.from_numpy(
+                _read_cityscapes_label(root / "gt_all" / f"{prefix}_gtFine_labelTrainIds.png", self.num_classes))
+        for name, prefix in (("flow_fw", a), ("flow_bw", b)):
+            flow, valid = read_kitti_flow(root / name / f"{prefix}_leftImg8bit_flow.png")
+            sample[name] = torch.from_numpy(flow).permute(2, 0, 1).contiguous()
+            sample[f"{name}_valid"] = torch.from_numpy(valid)
+        occ = read_label(root / "occ_fw" / f"{a}_leftImg8bit_occ.png", _lut({0: 0, 255: 1}), "0 and 255")
+        sample["occ_fw"] = torch.from_numpy(occ == 1)
+        return _finish(sample, self.transform)
+
+
+class CamVid(_PairDataset):
+    """CamVid in the SegNet layout (EFC Table 4): root/{split}/NAME.png with root/{split}annot/NAME.png,
+    values 0..10 the 11 classes of CAMVID_CLASSES, 11 = void -> 255.
+
+    Without frames_dir, items are single frames: image, label. With frames_dir, a folder of video
+    frames named like the labelled ones with the frame number changed (0001TP_006690.png ->
+    0001TP_006689.png, Seq05VD_f00000.png -> Seq05VD_f00001.png, same digit count), items are EFC
+    pairs as in CityscapesPairs. CamVid labels every 30th frame; as in Cityscapes, a labelled frame
+    is taken as the 20th of the 30 frames NUMBER-19 .. NUMBER+10, cut short where frames_dir has no
+    frame (the first labelled frame of a video has no predecessors).
+    """
+
+    def __init__(self, root, split, frames_dir=None, pairs_per_frame=10, max_gap=5, transform=None, seed=0):
+        root = Path(root)
+        self.root, self.split, self.transform = root, split, transform
+        self.pairs_per_snippet, self.max_gap, self.seed = pairs_per_frame, max_gap, seed
+        self.classes, self.num_classes = CAMVID_CLASSES, len(CAMVID_CLASSES)
+        layout = f"expected the SegNet CamVid layout {root}/{split}/NAME.png and {root}/{split}annot/NAME.png"
+        images = sorted(n for n in _listing(root / split, layout) if n.endswith(".png"))
+        annotations = _listing(root / f"{split}annot", layout)
+        if not images:
+            raise FileNotFoundError(f"{root / split} holds no .png images: {layout}")
+        for name in images:
+            if name not in annotations:
+                raise FileNotFoundError(f"{root / f'{split}annot' / name} not found, the label of "
+                                        f"{root / split / name}; {layout}")
+        self.items = [(root / split / n, root / f"{split}annot" / n) for n in images]
+        self.frames_dir = None if frames_dir is None else Path(frames_dir)
+        self.snippets = []
+        if self.frames_dir is not None:
+            video = _listing(self.frames_dir, "expected a folder of CamVid video frames named like the labelled ones")
+            self.snippets = [_camvid_snippet(image, label, self.frames_dir, video) for image, label in self.items]
+
+    def _read_label(self, path):
+        return read_label(path, CAMVID_LUT, "CamVid classes 0..10 and 11 = void")
+
+    def __len__(self):
+        return len(self.items) if self.frames_dir is None else super().__len__()
+
+    def __getitem__(self, index):
+        if self.frames_dir is not None:
+            return super().__getitem__(index)
+        image_path, label_path = self.items[index]
+        return _finish(_labelled_frame(image_path, label_path, self._read_label(label_path)), self.transform)
+
+
+def _camvid_snippet(image, label, frames_dir, video):
+    """The frames NUMBER-19 .. NUMBER+10 around a labelled CamVid frame, as far as frames_dir (whose
+    file names are the set `video`) has them without a gap; the labelled frame is `image` itself."""
+    m = re.match(r"^(.*?)(\d+)\.png$", image.name)
+    if m is None:
+        raise ValueError(f"{image}: no frame number at the end of the name, cannot find its video neighbours")
+    stem, digits, n = m[1], m[2], int(m[2])
+    window = range(n - LABELLED_INDEX, n + SNIPPET_LENGTH - LABELLED_INDEX)
+    names = {k: f"{stem}{k:0{len(digits)}d}.png" for k in window}
+    first = n
+    while first - 1 in names and names[first - 1] in video:
+        first -= 1
+    last = n
+    while last + 1 in names and names[last + 1] in video:
+        last += 1
+    if first == last:
+        raise FileNotFoundError(f"{frames_dir / names[n + 1]} not found (nor {names[n - 1]}): no video neighbour "
+                                f"of {image}")
+    frames = [image if k == n else frames_dir / names[k] for k in range(first, last + 1)]
+    return Snippet(frames, n - first, label)
+
+
+class KittiFlow(Dataset):
+    """KITTI 2015 optical flow (EFC Tables 2 and 5): root/{split}/image_2/ID_10.png, ID_11.png,
+    root/{split}/flow_occ/ID_10.png and flow_noc/ID_10.png.
+
+    mode "flow":      the 200 annotated pairs; items image_a, image_b, flow = F_10->11 (flow_occ),
+                      flow_valid (flow_occ's mask), noc_valid (flow_noc's mask: not occluded).
+    mode "pairs":     the same image pairs without ground truth (e.g. split="testing"), for
+                      unsupervised flow; items image_a, image_b.
+    mode "multiview": every consecutive pair ID_kk, ID_kk+1 of the multiview frames 00..20 in
+                      image_2, except the pairs touching frames 9-12 (the evaluation pair and its
+                      neighbours, as unsupervised-flow papers do); items image_a, image_b.
+    Sizes differ (375x1242, 370x1224, 374x1238, 376x1241): with crop=None every item is padded at
+    the bottom and right to a multiple of pad_multiple (64: what a 6-level encoder needs; image 0,
+    flow invalid), and `size` (a (2,) int64 tensor) holds the original (H, W) to crop predictions
+    back; with crop=(h, w) every item is cropped to its central h x w window instead. Padding or
+    cropping happens before `transform`.
+    """
+
+    def __init__(self, root, split="training", crop=None, mode="flow", pad_multiple=64, transform=None):
+        if mode not in ("flow", "pairs", "multiview"):
+            raise ValueError(f"KittiFlow mode {mode!r}: expected 'flow', 'pairs' or 'multiview'")
+        self.root, self.split, self.mode, self.transform = Path(root), split, mode, transform
+        self.crop, self.pad_multiple = crop, pad_multiple
+        layout = (f"expected the KITTI 2015 layout {root}/{split}/image_2/ID_10.png, ID_11.png"
+                  + (", flow_occ/ID_10.png, flow_noc/ID_10.png" if mode == "flow" else "")
+                  + (" and the multiview frames ID_00.png..ID_20.png" if mode == "multiview" else ""))
+        folder = self.root / split / "image_2"
+        names = _listing(folder, layout)
+        self.items = []  # (image a, image b, flow_occ, flow_noc) paths, the last two None without ground truth
+        if mode == "multiview":
+            for name in sorted(names):
+                m = re.match(r"^(\d{6})_(\d{2})\.png$", name)
+                if m is None or {int(m[2]), int(m[2]) + 1} & {9, 10, 11, 12}:
+                    continue
+                following = f"{m[1]}_{int(m[2]) + 1:02d}.png"
+                if following in names:
+                    self.items.append((folder / name, folder / following, None, None))
+        else:
+            for name in sorted(n for n in names if re.match(r"^\d{6}_10\.png$", n)):
+                second = folder / name.replace("_10.png", "_11.png")
+                if second.name not in names:
+                    raise FileNotFoundError(f"{second} not found, the second frame of {folder / name}; {layout}")
+                flows = (None, None)
+                if mode == "flow":
+                    flows = tuple(self.root / split / gt / name for gt in ("flow_occ", "flow_noc"))
+                    for path in flows:
+                        if not path.is_file():
+                            raise FileNotFoundError(f"{path} not found, the ground truth of {folder / name}; {layout}")
+                self.items.append((folder / name, second) + flows)
+        if not self.items:
+            raise FileNotFoundError(f"{folder} holds no image pairs for mode {mode!r}: {layout}")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        a, b, flow_occ, flow_noc = self.items[index]
+        image_a, image_b = read_image(a), read_image(b)
+        _check_same_size(a, image_a.shape, b, image_b.shape)
+        sample = {"image_a": _to_tensor(image_a),
+                  "image_b": _to_tensor(image_b)}
+        if flow_occ is not None:
+            flow, valid = read_kitti_flow(flow_occ)
+            _, noc_valid = read_kitti_flow(flow_noc)
+            _check_same_size(a, image_a.shape, flow_occ, flow.shape)
+            _check_same_size(a, image_a.shape, flow_noc, noc_valid.shape)
+            sample.update(flow=torch.from_numpy(flow).permute(2, 0, 1).contiguous(), flow_valid=torch.from_numpy(valid),
+                          noc_valid=torch.from_numpy(noc_valid))
+        H, W = image_a.shape[:2]
+        if self.crop is not None:
+            h, w = self.crop
+            if h > H or w > W:
+                raise ValueError(f"{a} is {W}x{H}, smaller than the crop {w}x{h} (width x height)")
+            sample = crop_sample(sample, (H - h) // 2, (W - w) // 2, h, w)
+        elif self.pad_multiple:
+            m = self.pad_multiple
+            sample = crop_sample(sample, 0, 0, -(-H // m) * m, -(-W // m) * m)
+        sample["size"] = torch.tensor([H, W])
+        return _finish(sample, self.transform)
+
+
+# =============================================================================================
+# 6. Augmentation: one random draw, applied identically to every image, label, flow and mask of a
+# sample. EFC "Implementation Details": random scaling, rotation, flip, colour augmentation, crops of
+# 713 x 713; Flow2Seg 4.2: flip, crop, colour jitter, scaling in [0.5, 2], "for both image and
+# optical flow input".
+# =============================================================================================
+def _kind(key, value):
+    """What a sample entry is, by dtype and shape: "image", "flow", "label", "mask", or None (passed through)."""
+    if not torch.is_tensor(value) or value.dim() < 2:
+        return None
+    if value.dim() == 3 and value.is_floating_point() and value.shape[0] in (2, 3):
+        return "image" if value.shape[0] == 3 else "flow"
+    if value.dim() == 2 and value.dtype in (torch.int64, torch.bool):
+        return "label" if value.dtype == torch.int64 else "mask"
+    raise ValueError(f"sample entry {key!r}: cannot tell what a {tuple(value.shape)} {value.dtype} tensor is (expected "
+                     "an image (3, H, W) float, a flow (2, H, W) float, a label (H, W) int64 or a mask (H, W) bool)")
+
+
+def _size(sample):
+    """The common (H, W) of a sample's images, labels, flows and masks."""
+    sizes = {key: tuple(value.shape[-2:]) for key, value in sample.items() if _kind(key, value)}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"sample entries differ in size (H, W): {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _map_sample(sample, image, label, mask, flow):
+    """Apply one function per kind to every entry: image(x), label(x), mask(x, fill), flow(f, valid)
+    -> (f, valid). A flow and its "<key>_valid" mask are transformed together; an occlusion mask
+    ("occ..." keys) is filled with True (no correspondence) where the transform brings in pixels
+    from outside the image, other masks with False."""
+    out = dict(sample)
+    flows = [key for key, value in sample.items() if _kind(key, value) == "flow"]
+    for key, value in sample.items():
+        kind = _kind(key, value)
+        if kind == "image":
+            out[key] = image(value)
+        elif kind == "label":
+            out[key] = label(value)
+        elif kind == "mask" and not (key.endswith("_valid") and key[:-len("_valid")] in flows):
+            out[key] = mask(value, key.startswith("occ"))
+    for key in flows:
+        valid = sample.get(key + "_valid", torch.ones(sample[key].shape[1:], dtype=torch.bool))
+        out[key], out[key + "_valid"] = flow(sample[key], valid)
+    return out
+
+
+def _crop_or_pad(x, top, left, h, w, fill):
+    """The window [top, top + h) x [left, left + w) of x (..., H, W); parts outside x are `fill`."""
+    H, W = x.shape[-2:]
+    out = torch.full(x.shape[:-2] + (h, w), fill, dtype=x.dtype)
+    y0, y1, x0, x1 = max(top, 0), min(top + h, H), max(left, 0), min(left + w, W)
+    if y1 > y0 and x1 > x0:
+        out[..., y0 - top:y1 - top, x0 - left:x1 - left] = x[..., y0:y1, x0:x1]
+    return out
+
+
+def crop_sample(sample, top, left, h, w):
+    """Crop every entry to [top, top + h) x [left, left + w); negative offsets or a window larger than
+    the image pad: image 0, label 255, flow invalid (value 0), masks as in _map_sample."""
+    return _map_sample(
+        sample,
+        image=lambda x: _crop_or_pad(x, top, left, h, w, 0.0),
+        label=lambda x: _crop_or_pad(x, top, left, h, w, 255),
+        mask=lambda x, fill: _crop_or_pad(x, top, left, h, w, fill),
+        flow=lambda f, valid: (_crop_or_pad(f, top, left, h, w, 0.0), _crop_or_pad(valid, top, left, h, w, False)))
+
+
+def _resize_sample(sample, size):
+    """Resize to size = (H_new, W_new): images bilinear, labels and masks nearest, flows by
+    warp.resize_flow (u scaled by W_new / W, v by H_new / H). A resized flow pixel stays valid only
+    if every input pixel it interpolates is valid (a sparse flow is not blended with invalid zeros)."""
+    def bilinear(x):  # (C, H, W) -> (C, H_new, W_new), align_corners=False: the pixel-area convention of resize_flow
+        return F.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+    def nearest(x, fill=None):  # "nearest-exact" samples the nearest pixel centre ("nearest" is off by half a pixel)
+        return F.interpolate(x[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(x.dtype)
+
+    return _map_sample(sample, image=bilinear, label=nearest, mask=nearest,
+                       flow=lambda f, valid: (resize_flow(f[None], size)[0], bilinear(valid[None])[0] > 0.999))
+
+
+def _rotate_sample(sample, degrees):
+    """Rotate every entry by `degrees` about the image centre c.
+
+    Pixel p of the input goes to p' = c + R (p - c), so output pixel p' samples the input at
+    p = c + R^T (p' - c) (bilinear for images and flows, nearest for labels and masks, done with
+    warp.backward_warp). Both ends of a flow vector turn with the image, so the vectors rotate too:
+    F'(p') = R F(p). Pixels brought in from outside the image: image 0, label 255, flow invalid.
+    """
+    H, W = _size(sample)
+    theta = np.deg2rad(degrees)
+    cos, sin = float(np.cos(theta)), float(np.sin(theta))
+    grid = pixel_grid(H, W, dtype=torch.float64)  # (2, H, W) x, y
+    dx, dy = grid[0] - (W - 1) / 2, grid[1] - (H - 1) / 2
+    source = torch.stack([(W - 1) / 2 + cos * dx + sin * dy, (H - 1) / 2 - sin * dx + cos * dy])  # (2, H, W) p
+    to_source = (source - grid).float()[None]  # (1, 2, H, W): backward_warp samples at p' + this
+    to_nearest = (source.round() - grid).float()[None]  # integer offsets: exact nearest-pixel samples
+
+    def bilinear(x):
+        return backward_warp(x[None].float(), to_source)
+
+    def nearest(x, fill):
+        value, inside = backward_warp(x[None, None].float(), to_nearest)
+        return torch.where(inside[0, 0] > 0, value[0, 0], float(fill)).to(x.dtype)
+
+    def flow(f, valid):
+        g, inside = bilinear(f)
+        kept, _ = bilinear(valid[None])
+        u, v = g[0, 0], g[0, 1]
+        return torch.stack([cos * u - sin * v, sin * u + cos * v]), (kept[0, 0] > 0.999) & (inside[0, 0] > 0)
+
+    return _map_sample(sample, image=lambda x: bilinear(x)[0][0], label=lambda x: nearest(x, 255), mask=nearest,
+                       flow=flow)
+
+
+def _flip_sample(sample):
+    """Horizontal flip of every entry; a flow's u changes sign."""
+    sign = torch.tensor([-1.0, 1.0]).view(2, 1, 1)
+    return _map_sample(sample, image=lambda x: x.flip(-1), label=lambda x: x.flip(-1), mask=lambda x, fill: x.flip(-1),
+                       flow=lambda f, valid: (f.flip(-1) * sign, valid.flip(-1)))
+
+
+GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights
+
+
+def _jitter_sample(sample, brightness, contrast, saturation):
+    """Colour jitter with the same parameters on every image of the sample, on [0, 1] RGB.
+
+    x * brightness; then contrast about the mean grey of all the sample's images (one pivot for all
+    frames, so that every frame gets the same affine colour map and brightness constancy between
+    them survives); then saturation (blend with the pixel's grey); clamp to [0, 1]."""
+    grey = torch.tensor(GREY).view(3, 1, 1)
+    images = {key: value * brightness for key, value in sample.items() if _kind(key, value) == "image"}
+    pivot = torch.stack([(x * grey).sum(0).mean() for x in images.values()]).mean()
+    out = dict(sample)
+    for key, x in images.items():
+        x = (x - pivot) * contrast + pivot
+        g = (x * grey).sum(0, keepdim=True)
+        out[key] = (g + saturation * (x - g)).clamp(0, 1)
+    return out
+
+
+def normalize_sample(sample):
+    """ImageNet-normalise every image of a sample (the last step of every dataset)."""
+    return {key: normalize(value[None])[0] if _kind(key, value) == "image" else value for key, value in sample.items()}
+
+
+class JointTransform:
+    """Augmentation of a whole sample (both frames, labels, flows, masks) with one random draw.
+
+    In order: colour jitter (images only; factors for brightness, contrast, saturation uniform in
+    [1 - j, 1 + j], the same for every frame); scale by s uniform in `scale` (flow values scaled);
+    rotation by an angle uniform in [-rotate, rotate] degrees (flow vectors rotated); horizontal
+    flip with probability `flip` (True = 0.5; u negated); crop (h, w) at a uniform position,
+    padding where the image is smaller (image 0, label 255, flow invalid); normalisation.
+    Jitter comes first because it is an affine colour map and so commutes with the resampling;
+    applied first, it leaves padded pixels at exactly 0.
+    With train=False only a centre crop (if `crop`) and the normalisation are applied.
+    Defaults: scale [0.5, 2] (Flow2Seg 4.2); rotation +-10 degrees and jitter 0.1 are our choices
+    (EFC uses both without giving ranges; Flow2Seg's jitter of +-10 grey levels is about +-0.04).
+
+    Randomness comes from torch's global generator, which DataLoader seeds differently in each
+    worker (see worker_init_fn); every entry of one sample uses the same draw.
+    """
+
+    def __init__(self, crop=None, scale=(0.5, 2.0), flip=True, rotate=10.0, jitter=0.1, train=True):
+        self.crop = None if crop is None else (int(crop[0]), int(crop[1]))
+        self.scale, self.rotate, self.train = scale, float(rotate), train
+        self.flip = 0.5 if flip is True else float(flip)
+        self.jitter = (float(jitter),) * 3 if np.isscalar(jitter) else tuple(float(j) for j in jitter)
+
+    def __call__(self, sample):
+        sample = dict(sample)
+        for key, value in list(sample.items()):  # every flow travels with its validity mask
+            if _kind(key, value) == "flow" and key + "_valid" not in sample:
+                sample[key + "_valid"] = torch.ones(value.shape[1:], dtype=torch.bool)
+        H, W = _size(sample)
+        if self.train:
+            if any(self.jitter):
+                sample = _jitter_sample(sample, *(1 + _uniform(-j, j) for j in self.jitter))
+            if self.scale:
+                s = _uniform(*self.scale)
+                H, W = max(1, round(H * s)), max(1, round(W * s))
+                sample = _resize_sample(sample, (H, W))
+            if self.rotate:
+                sample = _rotate_sample(sample, _uniform(-self.rotate, self.rotate))
+            if torch.rand(()).item() < self.flip:
+                sample = _flip_sample(sample)
+        if self.crop is not None:
+            h, w = self.crop
+            if self.train:  # anywhere the window fits, or anywhere the image fits inside a larger window
+                top = int(torch.randint(min(0, H - h), max(0, H - h) + 1, ()))
+                left = int(torch.randint(min(0, W - w), max(0, W - w) + 1, ()))
+            else:
+                top, left = (H - h) // 2, (W - w) // 2
+            sample = crop_sample(sample, top, left, h, w)
+        return normalize_sample(sample)
+
+
+def _uniform(low, high):
+    return low + (high - low) * torch.rand(()).item()
+
+
+# =============================================================================================
+# 7. Loading helpers and pictures
+# =============================================================================================
+def worker_init_fn(worker_id):
+    """DataLoader(worker_init_fn=...): DataLoader already seeds torch in each worker with
+    base_seed + worker_id (JointTransform draws from it); seed numpy and `random` from the same
+    number, so that any numpy randomness differs between workers too and repeats with the seed."""
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _colour_wheel():
+    """The Middlebury flow colour wheel (Baker et al. 2011): 55 hues, red -> yellow -> green -> cyan
+    -> blue -> magenta -> red, in steps of 15, 6, 4, 11, 13, 6."""
+    hues = np.array([(1, 0, 0), (1, 1, 0), (0, 1, 0), (0, 1, 1), (0, 0, 1), (1, 0, 1), (1, 0, 0)], dtype=np.float64)
+    wheel = [hues[k] + (hues[k + 1] - hues[k]) * i / n for k, n in enumerate((15, 6, 4, 11, 13, 6)) for i in range(n)]
+    return np.array(wheel)  # (55, 3)
+
+
+def flow_to_color(flow, max_radius=None):
+    """Flow (H, W, 2) -> (H, W, 3) uint8 in the Middlebury colour coding: hue = direction (right red,
+    down yellow, left cyan, up blue-violet), saturation = |flow| / max_radius (default: the largest
+    |flow| of the image), white = no motion; flows longer than max_radius are drawn darker."""
+    flow = np.asarray(flow, dtype=np.float64)
+    radius = np.hypot(flow[..., 0], flow[..., 1])
+    max_radius = max(float(radius.max()) if max_radius is None else float(max_radius), 1e-9)
+    radius = radius / max_radius
+    wheel = _colour_wheel()
+    angle = np.arctan2(-flow[..., 1], -flow[..., 0]) / np.pi  # in [-1, 1]
+    position = (angle + 1) / 2 * (len(wheel) - 1)
+    k0 = np.floor(position).astype(np.int64)
+    k1 = (k0 + 1) % len(wheel)
+    f = (position - k0)[..., None]
+    colour = (1 - f) * wheel[k0] + f * wheel[k1]
+    r = radius[..., None]
+    colour = np.where(r <= 1, 1 - r * (1 - colour), colour * 0.75)
+    return np.rint(colour * 255).astype(np.uint8)
+
+
+def colorize(label, palette):
+    """Label (H, W) ints -> (H, W, 3) uint8 with palette[k] for class k; 255 (ignore) is black."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[:len(palette)] = palette
+    return table[np.asarray(label)]
+
+
+def preview(root, out, split="train", rows=3):
+    """A picture of a synthetic world: for the labelled frame of the first `rows` snippets,
+    image | labels | flow F_t->t+1 (Middlebury colours) | occlusion (white = occluded)."""
+    root = Path(root)
+    if not (root / "classes.json").is_file():
+        raise FileNotFoundError(f"{root / 'classes.json'} not found: preview expects a world written by "
+                                "`python data.py synth`")
+    palette = json.loads((root / "classes.json").read_text())["palette"]
+    lut = train_id_lut(len(palette))
+    strips = []
+    for city, seq, frame, label_path in _cityscapes_labelled(root, split)[:rows]:
+        prefix = f"{split}/{city}/{city}_{seq}_{frame:06d}"
+        flow, _ = read_kitti_flow(root / "flow_fw" / f"{prefix}_leftImg8bit_flow.png")
+        occ = read_label(root / "occ_fw" / f"{prefix}_leftImg8bit_occ.png", _lut({0: 0, 255: 255}), "0 and 255")
+        tiles = [read_image(root / "leftImg8bit_sequence" / f"{prefix}_leftImg8bit.png"),
+                 colorize(read_label(label_path, lut, "the world's classes"), palette),
+                 flow_to_color(flow), np.repeat(occ.astype(np.uint8)[..., None], 3, axis=2)]
+        gap = np.full((tiles[0].shape[0], 2, 3), 255, dtype=np.uint8)
+        strips.append(np.concatenate([x for tile in tiles for x in (tile, gap)][:-1], axis=1))
+        strips.append(np.full((2, strips[-1].shape[1], 3), 255, dtype=np.uint8))
+    Image.fromarray(np.concatenate(strips[:-1], axis=0)).save(out, optimize=True)
+
+
+# =============================================================================================
+# 8. Command line
+# =============================================================================================
+def main():
+    parser = argparse.ArgumentParser(description="The synthetic world and pictures of it (README, \"Data\").")
+    commands = parser.add_subparsers(dest="command", required=True)
+    synth = commands.add_parser("synth", help="write a synthetic world in the Cityscapes layout")
+    synth.add_argument("--out", default=SYNTH_DEFAULT_ROOT, help="output folder (default: %(default)s)")
+    synth.add_argument("--train", type=int, default=40, help="training snippets (default: %(default)s)")
+    synth.add_argument("--val", type=int, default=10, help="validation snippets (default: %(default)s)")
+    synth.add_argument("--size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"),
+                       help="frame size (default: 128 256)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
+    synth.add_argument("--overwrite", action="store_true", help="replace a world already in --out")
+    show = commands.add_parser("preview", help="a PNG of a synthetic world's frames, labels, flow and occlusion")
+    show.add_argument("--root", required=True, help="a folder written by `synth`")
+    show.add_argument("--out", required=True, help="the PNG to write")
+    show.add_argument("--split", default="train")
+    show.add_argument("--rows", type=int, default=3, help="snippets to show (default: %(default)s)")
+    args = parser.parse_args()
+    try:
+        if args.command == "synth":
+            if args.train < 0 or args.val < 0:
+                parser.error(f"--train {args.train} --val {args.val}: snippet counts must be >= 0")
+            start = time.perf_counter()
+            make_synthetic_world(args.out, args.train, args.val, args.size, args.seed, args.workers, args.overwrite)
+            print(f"wrote {args.train} + {args.val} snippets of {SNIPPET_LENGTH} frames "
+                  f"({args.size[0]}x{args.size[1]}) to {args.out} in {time.perf_counter() - start:.1f} s")
+        else:
+            preview(args.root, args.out, args.split, args.rows)
+            print(f"wrote {args.out}")
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -937,9 +937,11 @@ def _finish(sample, transform):
     return transform(sample) if transform is not None else normalize_sample(sample)
 
 
-def sample_pairs(num_frames, labelled, count, max_gap, rng):
+def sample_pairs(num_frames, labelled, count, max_gap, rng, with_label_count=None):
     """EFC "Implementation Details": `count` pairs (i, t) of frames I_i, I_{i+t} of one snippet with
-    1 <= t <= max_gap, count // 2 of which contain the labelled frame (i or i + t == labelled).
+    1 <= t <= max_gap, `with_label_count` (default count // 2) of which contain the labelled frame
+    (i or i + t == labelled). EFC Table 1's "single pair" and "multiple pairs" rows use 1 of 1 and
+    5 of 5.
 
     Each half is drawn without replacement from its candidates (all pairs that do, or do not,
     contain the labelled frame); when a half asks for more pairs than exist, it cycles through
@@ -954,7 +956,10 @@ def sample_pairs(num_frames, labelled, count, max_gap, rng):
         order = np.concatenate([rng.permutation(len(candidates)) for _ in range(-(-k // len(candidates)))])
         return [candidates[j] for j in order[:k]]
 
-    return draw(with_label, count // 2) + draw(without, count - count // 2)
+    k = count // 2 if with_label_count is None else int(with_label_count)
+    if not 0 <= k <= count:
+        raise ValueError(f"pairs with the labelled frame ({k}) must be between 0 and the pairs per snippet ({count})")
+    return draw(with_label, k) + draw(without, count - k)
 
 
 class _PairDataset(Dataset):
@@ -968,6 +973,7 @@ class _PairDataset(Dataset):
     with: leave it off, or pairs repeat every epoch.
     """
     epoch = 0
+    labelled_pairs = None  # how many of a snippet's pairs contain its labelled frame; None = half
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -979,7 +985,8 @@ class _PairDataset(Dataset):
         """The (i, t) pairs of snippet s in the current epoch."""
         snippet = self.snippets[s]
         rng = np.random.default_rng([self.seed, self.epoch, s])
-        return sample_pairs(len(snippet.frames), snippet.labelled, self.pairs_per_snippet, self.max_gap, rng)
+        return sample_pairs(len(snippet.frames), snippet.labelled, self.pairs_per_snippet, self.max_gap, rng,
+                            self.labelled_pairs)
 
     def __getitem__(self, index):
         if not 0 <= index < len(self):
@@ -1016,11 +1023,15 @@ class CityscapesPairs(_PairDataset):
     synthetic world, else 19) or labelIds mapped to train ids.
     """
 
-    def __init__(self, root, split, pairs_per_snippet=10, max_gap=5, transform=None, num_classes=None, seed=0):
+    def __init__(self, root, split, pairs_per_snippet=10, max_gap=5, transform=None, num_classes=None, seed=0,
+                 labelled_pairs=None):
         if pairs_per_snippet < 1 or not 1 <= max_gap < SNIPPET_LENGTH:
             raise ValueError(f"pairs_per_snippet ({pairs_per_snippet}) must be >= 1 and max_gap ({max_gap}) in [1, 29]")
+        if labelled_pairs is not None and not 0 <= labelled_pairs <= pairs_per_snippet:
+            raise ValueError(f"labelled_pairs ({labelled_pairs}) must be between 0 and pairs_per_snippet ({pairs_per_snippet})")
         self.root, self.split, self.transform = Path(root), split, transform
         self.pairs_per_snippet, self.max_gap, self.seed = pairs_per_snippet, max_gap, seed
+        self.labelled_pairs = labelled_pairs
         self.classes = _dataset_classes(root)
         self.num_classes = num_classes or len(self.classes)
         self.snippets = _cityscapes_snippets(self.root, split)
@@ -1034,6 +1045,17 @@ def flow_path(flow_dir, split, image_path, suffix=".flo"):
     (e.g. aachen_000000_000019_leftImg8bit.flo). For Flow2Seg the file holds F_t->t-1 of that frame."""
     image_path = Path(image_path)
     return Path(flow_dir) / split / image_path.parent.name / (image_path.stem + suffix)
+
+
+def labelled_frames_with_previous(root, split):
+    """[(labelled frame, previous frame)] image paths of a Cityscapes-layout split: the pairs whose
+    flow F_t->t-1 Flow2Seg needs (train.py's --flow-from fills a flow directory with them)."""
+    root = Path(root)
+    frames = []
+    for city, seq, frame, _ in _cityscapes_labelled(root, split):
+        folder = root / "leftImg8bit_sequence" / split / city
+        frames.append(tuple(folder / f"{city}_{seq}_{n:06d}_leftImg8bit.png" for n in (frame, frame - 1)))
+    return frames
 
 
 class CityscapesFlow2Seg(Dataset):

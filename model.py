@@ -220,8 +220,14 @@ def conv_bn_relu(in_channels, out_channels, kernel_size):
 def fcn_head(in_channels, mid_channels, num_classes, dropout=0.1):
     """3x3 conv + BN + ReLU, dropout, 1x1 classifier: PSPNet's final and auxiliary heads and
     Flow2Seg's FCN head. Dropout is elementwise (nn.Dropout) as in the Caffe PSPNet."""
-    return nn.Sequential(conv_bn_relu(in_channels, mid_channels, 3), nn.Dropout(dropout),
+    head = nn.Sequential(conv_bn_relu(in_channels, mid_channels, 3), nn.Dropout(dropout),
                          nn.Conv2d(mid_channels, num_classes, 1))
+    init_weights(head)
+    # The classifier starts small (normal, std 0.01, as mmsegmentation's heads): kaiming fan_out
+    # init gives logits of std ~10, an initial cross-entropy of ~10 instead of log K, and a first
+    # SGD step that throws the network far off (measured on the synthetic world).
+    nn.init.normal_(head[-1].weight, std=0.01)
+    return head
 
 
 class PyramidPooling(nn.Module):
@@ -264,8 +270,7 @@ class PSPNet(nn.Module):
         self.head = fcn_head(self.ppm.out_channels, mid_channels, num_classes, dropout)
         # Auxiliary head on layer3 ("stage 4", Flow2Seg 3.2), used by the loss in training only.
         self.aux_head = fcn_head(c3, aux_channels, num_classes, dropout)
-        for head in (self.ppm, self.head, self.aux_head):
-            init_weights(head)
+        init_weights(self.ppm)
 
     def encode(self, image):
         """image (B, 3, H, W) -> f4 (B, C1, H/4, W/4) layer1 output, S (B, C3, H/8, W/8) layer3 output.
@@ -500,7 +505,6 @@ class Flow2SegNet(nn.Module):
         c4 = self.flow_backbone.layer_channels[3]
         # FCN head; the paper gives no width: c4 / 4 in the middle, as torchvision's FCNHead.
         self.flow_head = fcn_head(c4, c4 // 4, num_classes)
-        init_weights(self.flow_head)
         self.fusion = ResidualFusion(num_classes, fusion_channels)
 
     def forward(self, image, flow):
@@ -518,6 +522,27 @@ class Flow2SegNet(nn.Module):
         aux = image_out["aux"]
         return {"logits": upsample(fused8, size), "image_logits": upsample(image8, size),
                 "flow_logits": upsample(flow8, size), "aux": upsample(aux, size) if aux is not None else None}
+
+
+METHODS = ("psp", "flow2seg", "efc", "flow")
+
+
+def build_model(method, num_classes, backbone="resnet50", flow_backbone="resnet18", max_displacement=20,
+                corr_stride=2):
+    """The network of a training method (train.py's --method; checkpoints store these arguments):
+      psp       PSPNet, the image-only baseline of both papers
+      flow2seg  Flow2SegNet (image path `backbone`, flow path `flow_backbone`)
+      efc       EFCNet
+      flow      EFCNet trained with forward(a, b, segment=False): the flow branch alone (EFC Table 2
+                "UL"); the segmentation decoder stays untrained, so its checkpoint can initialise efc.
+    """
+    if method == "psp":
+        return PSPNet(num_classes, backbone)
+    if method == "flow2seg":
+        return Flow2SegNet(num_classes, backbone, flow_backbone)
+    if method in ("efc", "flow"):
+        return EFCNet(num_classes, backbone, max_displacement, corr_stride)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
 # ---------------------------------------------------------------------------------------------

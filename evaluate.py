@@ -1,0 +1,971 @@
+"""Evaluation of every method: metrics, inference modes, pictures, benchmark files, a user's video.
+
+Covers
+  EFC "Evaluation Metrics", Tables 3-4: mIoU ("IoU cls") and, on Cityscapes, the category IoU over
+                the 7 official categories ("IoU cat")                     -> segmentation_metrics
+  EFC Tables 2 and 5: average end-point error on KITTI 2015 over non-occluded ("Noc", flow_noc) and
+                all ("All", flow_occ) pixels, plus KITTI's Fl outlier rate   -> flow_error_counts, flow_metrics
+  Temporal consistency, the property EFC trains for and neither paper measures: agreement of the
+                predictions of consecutive frames across the flow, occluded pixels left out
+                                                                          -> consistency_counts
+  Flow2Seg 4.3 / PSPNet's test procedure: multi-scale inference with flip, sliding-window crops
+                                                                          -> segment_multiscale, segment_sliding
+  train.py's periodic validation                                          -> validate
+  The command line: any checkpoint on its validation set (a table, metrics.json, pictures),
+  Cityscapes / KITTI submission files, and a folder of frames without ground truth (see main()).
+
+Choices where the papers are silent (each also stated where it is made):
+  * IoU of a class absent from both ground truth and prediction is NaN and left out of the mean
+    (cityscapesScripts does the same); a class predicted but absent from the ground truth has IoU 0
+    and counts. One confusion matrix is accumulated over the whole split (not a mean of per-image IoUs).
+  * Flow averages come both ways: "pooled" (sum over all valid pixels of all images / their count)
+    and "per image" (the mean of per-image means). KITTI's devkit pools its Fl outlier counts over
+    all images (evaluate_scene_flow.cpp sums errors and pixel counts before dividing); the
+    unsupervised-flow papers that EFC Table 5 compares with average EPE per image. The table prints
+    both; validate() returns pooled numbers under the plain names.
+  * Temporal consistency looks up frame b's prediction at the flow target p + F_a->b(p) rounded to
+    the nearest pixel (labels are not interpolated), on pixels that are not occluded, have a valid
+    flow and whose target lies inside frame b; pooled over all pixels of all pairs.
+  * Inference returns log-probabilities (log of the averaged softmax; single scale: log_softmax of
+    the logits), so that every mode is comparable and argmax gives the prediction.
+
+Conventions are warp.py's: flow (B, 2, H, W), u first, in pixels of its own grid; occlusion 1 (True)
+= occluded; labels 255 = ignore; images ImageNet-normalised (data.normalize).
+"""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import model as models
+import warp
+
+IGNORE = 255
+DATASETS = ("synthetic", "cityscapes", "camvid", "kitti")
+CONFIG_KEYS = ("backbone", "flow_backbone", "num_classes", "dataset", "data_root", "flow_dir", "max_displacement",
+               "corr_stride")
+PSP_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # PSPNet's multi-scale test (semseg's cityscapes config)
+PSP_CROP = (713, 713)  # the training crop of PSPNet and EFC, PSPNet's sliding-window size
+STRIDE_RATE = 2 / 3  # window stride = 2/3 of the window (semseg's test procedure)
+FL_ABS, FL_REL = 3.0, 0.05  # KITTI 2015: an outlier has EPE > 3 px and > 5 % of the ground-truth length
+PHOTO_ERROR_WHITE = 0.25  # photometric-error pictures: a mean RGB difference of 0.25 (on [0, 1]) is white
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+# =============================================================================================
+# 1. Checkpoints
+# =============================================================================================
+def read_checkpoint(path, device="cpu"):
+    """Read and check a train.py checkpoint -> its dict (train.py's --resume / --init use it too).
+
+    The file is a dict with 'method' (one of model.METHODS), 'config' (the network's arguments,
+    the dataset and its root) and 'model' (the state dict of the unwrapped network).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch.load raises pickle, zip, EOF and runtime errors for broken files
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(checkpoint, dict) or not {"method", "config", "model"} <= set(checkpoint):
+        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path}: not a train.py checkpoint (expected a dict with 'method', 'config', 'model'; "
+                         f"found {found})")
+    method, config = checkpoint["method"], checkpoint["config"]
+    if method not in models.METHODS:
+        raise ValueError(f"{path}: unknown method {method!r}, expected one of {', '.join(models.METHODS)}")
+    missing = [key for key in CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint's config lacks {', '.join(missing)}")
+    return checkpoint
+
+
+def load_checkpoint(path, device="cpu"):
+    """A train.py checkpoint -> (network in eval mode on `device`, the checkpoint dict)."""
+    checkpoint = read_checkpoint(path, device)
+    method, config = checkpoint["method"], checkpoint["config"]
+    net = models.build_model(method, config["num_classes"], config["backbone"], config["flow_backbone"],
+                             config["max_displacement"], config["corr_stride"])
+    try:
+        net.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit a {method} network with backbone {config['backbone']} and "
+                         f"{config['num_classes']} classes ({str(e).splitlines()[0]})") from None
+    return net.to(device).eval(), checkpoint
+
+
+def config_of(checkpoint, dataset=None, data_root=None, flow_dir=None):
+    """The checkpoint's config with its method, and with the command line's overrides applied."""
+    config = dict(checkpoint["config"], method=checkpoint["method"])
+    if dataset is not None:
+        config["dataset"] = dataset
+    if data_root is not None:
+        config["data_root"] = data_root
+    if flow_dir is not None:
+        config["flow_dir"] = flow_dir
+    return config
+
+
+# =============================================================================================
+# 2. Inference
+# =============================================================================================
+def segment(model, method, image, flow=None):
+    """Single-scale logits (B, K, H, W) of a normalised image (B, 3, H, W).
+
+    psp, efc: model(image) (EFCNet's inference is its PSPNet alone); flow2seg: model(image, flow)
+    with flow (B, 2, H, W) = F_t->t-1 in pixels of the image grid.
+    """
+    if method == "flow2seg":
+        if flow is None:
+            raise ValueError("flow2seg needs the flow F_t->t-1 of the frame as its second input")
+        return model(image, flow)["logits"]
+    if method == "flow":
+        raise ValueError("a 'flow' checkpoint has no trained segmentation decoder")
+    return model(image)["logits"]
+
+
+def flow_outputs(model, image_a, image_b):
+    """EFCNet's flow branch on one pair, everything at the image size (B, ., H, W):
+    'flow_ab' F_a->b and 'flow_ba' F_b->a in image pixels (the finest, stride-4 prediction resized
+    by warp.resize_flow), 'occ_a' the predicted occlusion O_est of frame a (probability, bilinear)."""
+    if not isinstance(model, models.EFCNet):
+        raise ValueError(f"flow needs an efc or flow network, got {type(model).__name__}")
+    size = image_a.shape[-2:]
+    out = model(image_a, image_b, segment=False)
+    return {"flow_ab": warp.resize_flow(out["flow_ab"][0], size),  # (B, 2, H, W)
+            "flow_ba": warp.resize_flow(out["flow_ba"][0], size),
+            "occ_a": F.interpolate(out["occ_a"][0].float(), size=tuple(size), mode="bilinear", align_corners=False)}
+
+
+def predict_flow(model, image_a, image_b):
+    """F_a->b (B, 2, H, W) in image pixels, predicted by an efc/flow network."""
+    return flow_outputs(model, image_a, image_b)["flow_ab"]
+
+
+def flip_flow(flow):
+    """Horizontal flip of a flow field: the grid is mirrored and u changes sign."""
+    return flow.flip(-1) * flow.new_tensor([-1.0, 1.0]).view(1, 2, 1, 1)
+
+
+def _window_probabilities(model, method, image, flow, crop, stride_rate):
+    """Softmax (B, K, H, W) averaged over overlapping crop windows (PSPNet's sliding evaluation).
+
+    Windows of crop = (h, w), clamped to the image (a smaller image is one window, never padded: the
+    networks are fully convolutional), start every ceil(stride_rate * h) rows and columns; the last
+    row / column of windows is shifted to end at the image border. Every pixel averages the windows
+    that cover it.
+    """
+    H, W = image.shape[-2:]
+    h, w = min(crop[0], H), min(crop[1], W)
+    step_y, step_x = max(1, math.ceil(h * stride_rate)), max(1, math.ceil(w * stride_rate))
+    rows, cols = math.ceil((H - h) / step_y) + 1, math.ceil((W - w) / step_x) + 1
+    total, count = None, torch.zeros(1, 1, H, W, device=image.device)
+    for r in range(rows):
+        top = min(r * step_y, H - h)
+        for c in range(cols):
+            left = min(c * step_x, W - w)
+            window = (..., slice(top, top + h), slice(left, left + w))
+            f = flow[window] if flow is not None else None
+            p = segment(model, method, image[window], f).float().softmax(1)  # (B, K, h, w)
+            if total is None:
+                total = image.new_zeros(p.shape[:2] + (H, W), dtype=torch.float32)
+            total[window] += p
+            count[window] += 1
+    return total / count
+
+
+def segment_multiscale(model, method, image, flow=None, scales=PSP_SCALES, flip=True, crop=None,
+                       stride_rate=STRIDE_RATE):
+    """Multi-scale (and flipped, and optionally sliding-window) inference -> (B, K, H, W) log-probabilities.
+
+    For every scale s the image is resized to round(s * (H, W)) (bilinear, align_corners=False as
+    everywhere; s is relative to the input size, which for Cityscapes is PSPNet's base size 2048);
+    Flow2Seg's input flow is resized with warp.resize_flow (values scaled with the grid). With
+    `flip`, each scale also runs on the mirrored image (and the mirrored flow with u negated) and the
+    output is mirrored back. With `crop`, each run is PSPNet's sliding window (_window_probabilities),
+    else the whole resized image. The softmax probabilities of all runs are resized back to (H, W)
+    and averaged (PSPNet's semseg test script); the log of that average is returned.
+    """
+    H, W = image.shape[-2:]
+    total, runs = 0.0, 0
+    for s in scales:
+        size = (max(1, round(H * s)), max(1, round(W * s)))
+        x = image if size == (H, W) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        f = None if flow is None else warp.resize_flow(flow, size)
+        for mirrored in ((False, True) if flip else (False,)):
+            xi = x.flip(-1) if mirrored else x
+            fi = flip_flow(f) if mirrored and f is not None else f
+            if crop is not None:
+                p = _window_probabilities(model, method, xi, fi, crop, stride_rate)
+            else:
+                p = segment(model, method, xi, fi).float().softmax(1)  # (B, K, h, w)
+            if mirrored:
+                p = p.flip(-1)
+            if p.shape[-2:] != (H, W):
+                p = F.interpolate(p, size=(H, W), mode="bilinear", align_corners=False)
+            total, runs = total + p, runs + 1
+    return (total / runs).clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def segment_sliding(model, method, image, flow=None, crop=PSP_CROP, stride_rate=STRIDE_RATE, flip=False):
+    """Single-scale sliding-window inference (PSPNet) -> (B, K, H, W) log-probabilities."""
+    return segment_multiscale(model, method, image, flow, scales=(1.0,), flip=flip, crop=crop, stride_rate=stride_rate)
+
+
+def infer(model, method, image, flow=None, scales=(1.0,), flip=False, crop=None, stride_rate=STRIDE_RATE):
+    """The inference of an evaluation mode (see `inference_mode`) -> (B, K, H, W) log-probabilities."""
+    if tuple(scales) == (1.0,) and not flip and crop is None:
+        return segment(model, method, image, flow).float().log_softmax(1)
+    return segment_multiscale(model, method, image, flow, scales, flip, crop, stride_rate)
+
+
+def inference_mode(mode, scales=PSP_SCALES, flip=True, crop=None, stride_rate=STRIDE_RATE):
+    """The keyword arguments of `infer` for the command line's --mode:
+      single      the whole image at its own size
+      multiscale  `scales` (default PSPNet's 0.5-1.75) with flip; sliding windows too if `crop` is given
+      sliding     one scale, windows of `crop` (default 713 x 713) at stride_rate (default 2/3), no flip
+    """
+    if mode == "single":
+        return {}
+    if mode == "multiscale":
+        return {"scales": tuple(scales), "flip": flip, "crop": crop, "stride_rate": stride_rate}
+    if mode == "sliding":
+        return {"scales": (1.0,), "flip": False, "crop": tuple(crop or PSP_CROP), "stride_rate": stride_rate}
+    raise ValueError(f"inference mode {mode!r}: expected single, multiscale or sliding")
+
+
+def describe_inference(inference):
+    """One line saying what `infer` does with these arguments."""
+    if not inference:
+        return "single scale"
+    scales = ", ".join(f"{s:g}" for s in inference["scales"])
+    text = f"scales {scales}" + (" + flip" if inference["flip"] else "")
+    if inference.get("crop"):
+        h, w = inference["crop"]
+        rate = inference["stride_rate"]
+        stride = f"{math.ceil(h * rate)}x{math.ceil(w * rate)}"
+        text += f", sliding {h}x{w} windows, stride {stride} ({rate:.3g} of a window)"
+    return text
+
+
+# =============================================================================================
+# 3. Metrics
+# =============================================================================================
+def confusion_matrix(prediction, label, num_classes):
+    """(K, K) int64 counts, rows = ground truth, columns = prediction; label 255 is left out.
+
+    prediction, label: integer tensors of one shape (e.g. (B, H, W)). A label outside 0..K-1 and 255
+    is an error (an unmapped label file would otherwise count as a class).
+    """
+    keep = label != IGNORE
+    gt, pr = label[keep].long(), prediction[keep].long()
+    if gt.numel() and (gt.min() < 0 or gt.max() >= num_classes):
+        raise ValueError(f"label values {sorted(set(gt[(gt < 0) | (gt >= num_classes)].tolist()))[:10]} are "
+                         f"outside 0..{num_classes - 1} and {IGNORE}")
+    counts = torch.bincount(gt * num_classes + pr, minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes).cpu()
+
+
+def _iou(confusion):
+    """Per-class IoU of a confusion matrix: TP / (TP + FP + FN); NaN where TP + FP + FN = 0."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+
+
+def _nanmean(x):
+    x = np.asarray(x, dtype=np.float64)
+    return float(x[~np.isnan(x)].mean()) if (~np.isnan(x)).any() else float("nan")
+
+
+def segmentation_metrics(confusion, categories=None):
+    """Metrics of an accumulated (K, K) confusion matrix (rows ground truth, columns prediction).
+
+    Returns 'iou' (K floats), 'miou' (their mean over the classes that are not NaN), 'pixel_acc'
+    (correct / labelled pixels). A class absent from both ground truth and prediction has IoU NaN
+    and does not enter the mean; one predicted but never in the ground truth has IoU 0 and does.
+    With `categories` (a category index per class, e.g. data.CITYSCAPES_TRAIN_TO_CATEGORY), also
+    'category_ious' and their mean 'category_iou' (EFC Table 3 "IoU cat"): the classes of a
+    category are merged into one (cityscapesScripts' getIouScoreForCategory), i.e. the IoU of the
+    category-level confusion matrix M^T C M with M the (K, C) class-to-category indicator.
+    Everything is NaN where nothing is labelled (an all-ignore split).
+    """
+    confusion = np.asarray(confusion, dtype=np.float64)
+    iou = _iou(confusion)
+    total = confusion.sum()
+    out = {"miou": _nanmean(iou), "pixel_acc": float(np.trace(confusion) / total) if total else float("nan"),
+           "iou": [float(v) for v in iou]}
+    if categories is not None:
+        categories = np.asarray(categories)
+        if len(categories) != len(confusion):
+            raise ValueError(f"{len(categories)} category indices for {len(confusion)} classes")
+        member = np.eye(int(categories.max()) + 1)[categories]  # (K, C) one-hot
+        category_iou = _iou(member.T @ confusion @ member)
+        out["category_ious"] = [float(v) for v in category_iou]
+        out["category_iou"] = _nanmean(category_iou)
+    return out
+
+
+def flow_error_counts(flow, gt, valid):
+    """Per-image sums for the flow metrics.
+
+    flow, gt: (B, 2, H, W) in pixels; valid: (B, H, W) bool, the pixels to count.
+    Returns (B, 3) float64 rows (sum of EPE, number of Fl outliers, number of pixels) over `valid`.
+    EPE = |flow - gt|_2; an outlier (KITTI 2015 "Fl") has EPE > 3 px and EPE > 5 % of |gt|.
+    """
+    epe = (flow.double() - gt.double()).pow(2).sum(1).sqrt()  # (B, H, W) px
+    length = gt.double().pow(2).sum(1).sqrt()
+    outlier = (epe > FL_ABS) & (epe > FL_REL * length)
+    valid = valid.bool()
+    return torch.stack([(epe * valid).flatten(1).sum(1), (outlier & valid).flatten(1).sum(1).double(),
+                        valid.flatten(1).sum(1).double()], 1).cpu()
+
+
+def flow_metrics(counts, region):
+    """Averages of stacked per-image rows of flow_error_counts, named for `region` ('all', 'noc'):
+    epe_<region>, fl_<region> pooled over all pixels of all images (Fl as a fraction), and
+    epe_<region>_per_image, fl_<region>_per_image, the means of the per-image averages over images
+    with at least one counted pixel. NaN where nothing was counted."""
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1, 3)
+    epe_sum, outliers, pixels = counts[:, 0], counts[:, 1], counts[:, 2]
+    nan = float("nan")
+    used = pixels > 0
+    return {f"epe_{region}": float(epe_sum.sum() / pixels.sum()) if pixels.sum() else nan,
+            f"fl_{region}": float(outliers.sum() / pixels.sum()) if pixels.sum() else nan,
+            f"epe_{region}_per_image": float((epe_sum[used] / pixels[used]).mean()) if used.any() else nan,
+            f"fl_{region}_per_image": float((outliers[used] / pixels[used]).mean()) if used.any() else nan}
+
+
+def consistency_counts(labels_a, labels_b, flow_ab, ignore=None):
+    """Temporal consistency of two label maps across a flow -> (agreeing pixels, counted pixels).
+
+    labels_a, labels_b: (B, H, W) integer maps of frames a and b (predictions or ground truth);
+    flow_ab: (B, 2, H, W) F_a->b; ignore: (B, H, W) bool, pixels of a to leave out (occluded: they
+    have no counterpart in b; or flow without ground truth). Pixel p of a is compared with b's label
+    at p + F_a->b(p) rounded to the nearest pixel; pixels whose target leaves the image and pixels
+    labelled 255 on either side are not counted.
+    """
+    B, H, W = labels_a.shape
+    grid = warp.pixel_grid(H, W, flow_ab.device, torch.float32)  # (2, H, W)
+    target = grid + flow_ab.float()  # (B, 2, H, W)
+    # Integer offsets make backward_warp's bilinear weights exactly 0 and 1: a pure lookup.
+    looked_up, inside = warp.backward_warp(labels_b[:, None].float(), target.round() - grid)  # (B, 1, H, W) each
+    looked_up = looked_up[:, 0].round().long()
+    keep = (inside[:, 0] > 0) & (labels_a != IGNORE) & (looked_up != IGNORE)
+    if ignore is not None:
+        keep &= ~ignore.bool()
+    agree = (looked_up == labels_a.long()) & keep
+    return int(agree.sum()), int(keep.sum())
+
+
+# =============================================================================================
+# 4. Validation data, built from a config so that train.py and evaluate.py measure the same thing
+# =============================================================================================
+def validation_datasets(config, split=None):
+    """The evaluation datasets of config['dataset'] for config['method'] -> dict:
+      'segmentation'  labelled frames (CityscapesImages; CityscapesFlow2Seg for flow2seg, whose input
+                      flow comes from config['flow_dir'], None = the synthetic world's ground truth;
+                      CamVid), or None (method 'flow'; KITTI, which has no segmentation labels)
+      'flow'          pairs with ground-truth flow for efc / flow: SyntheticSequence (F_a->b, occ_fw)
+                      or KittiFlow (flow_occ, flow_noc), else None
+      'consistency'   SyntheticSequence for segmenting methods on the synthetic world, else None
+      'classes'       class names; 'split' the split used.
+    Default splits: 'val' (Cityscapes layout, CamVid), 'training' for KITTI (its 200 flow pairs; EFC
+    Tables 2 and 5 evaluate there); KITTI's 'testing' gives unlabelled pairs (submission only).
+    """
+    method, name, root = config["method"], config["dataset"], config["data_root"]
+    if name not in DATASETS:
+        raise ValueError(f"dataset {name!r}: expected one of {', '.join(DATASETS)} (--dataset)")
+    if root is None or not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: data root of dataset {name!r} not found (--data-root)")
+    segmenting = method != "flow"
+    out = {"segmentation": None, "flow": None, "consistency": None, "classes": None}
+    if name in ("synthetic", "cityscapes"):
+        split = split or "val"
+        if method == "flow2seg":
+            out["segmentation"] = data.CityscapesFlow2Seg(root, split, config.get("flow_dir"))
+        elif segmenting:
+            out["segmentation"] = data.CityscapesImages(root, split)
+        if name == "synthetic":
+            sequence = data.SyntheticSequence(root, split)
+            out["flow"] = sequence if method in ("efc", "flow") else None
+            out["consistency"] = sequence if segmenting else None
+            out["classes"] = sequence.classes
+    elif name == "camvid":
+        split = split or "val"
+        if method == "flow2seg":
+            raise ValueError("flow2seg evaluates on the Cityscapes layout (synthetic or cityscapes): CamVid has no "
+                             "input flows")
+        out["segmentation"] = data.CamVid(root, split) if segmenting else None
+    else:
+        split = split or "training"
+        if method in ("efc", "flow"):
+            out["flow"] = data.KittiFlow(root, split, mode="flow" if split == "training" else "pairs")
+    if out["segmentation"] is not None:
+        out["classes"] = out["segmentation"].classes
+    if segmenting and out["classes"] is not None and len(out["classes"]) != config["num_classes"]:
+        raise ValueError(f"{root}: dataset {name!r} has {len(out['classes'])} classes but the network predicts "
+                         f"{config['num_classes']}")
+    out["split"] = split
+    return out
+
+
+def palette_for(config, num_classes):
+    """Colours of the classes: the synthetic world's classes.json, Cityscapes' or CamVid's official
+    palette; a generated one (Pascal VOC's bit pattern) when the class count fits none of them."""
+    root = Path(config["data_root"]) if config.get("data_root") else None
+    if root is not None and (root / "classes.json").is_file():
+        palette = [tuple(c) for c in json.loads((root / "classes.json").read_text())["palette"]]
+    else:
+        palette = {"cityscapes": data.CITYSCAPES_PALETTE, "camvid": data.CAMVID_PALETTE,
+                   "synthetic": data.SYNTH_PALETTE}.get(config["dataset"], ())
+    if len(palette) == num_classes:
+        return tuple(palette)
+    generated = []
+    for k in range(num_classes):
+        r = g = b = 0
+        for bit in range(8):
+            r |= ((k >> (3 * bit)) & 1) << (7 - bit)
+            g |= ((k >> (3 * bit + 1)) & 1) << (7 - bit)
+            b |= ((k >> (3 * bit + 2)) & 1) << (7 - bit)
+        generated.append((r, g, b))
+    return tuple(generated)
+
+
+# =============================================================================================
+# 5. Evaluation loops. Batch size 1 (the images of a dataset may differ in size); items are read
+# one by one in the main process, so validate() starts no workers inside train.py.
+# =============================================================================================
+def _batch(item, device):
+    """A dataset item -> the same dict with a batch axis on every tensor, on `device`."""
+    return {k: v[None].to(device) if torch.is_tensor(v) else v for k, v in item.items()}
+
+
+def _count(dataset, max_items):
+    return len(dataset) if max_items is None else min(len(dataset), max_items)
+
+
+def _picture_indices(count, pictures):
+    """`pictures` item indices spread evenly over the `count` evaluated items."""
+    if pictures <= 0 or count == 0:
+        return {}
+    picks = np.linspace(0, count - 1, min(pictures, count)).round().astype(int)
+    return {int(index): n for n, index in enumerate(picks)}
+
+
+@torch.no_grad()
+def evaluate_segmentation(model, method, dataset, device, categories=None, max_items=None, inference=None,
+                          out=None, pictures=0, palette=None, submit=None):
+    """Segmentation metrics over (the first max_items of) a labelled dataset.
+
+    Pictures `seg_NNN.png` (segmentation_panel) of `pictures` items go to `out`; with `submit`,
+    every prediction is written there as a Cityscapes labelIds PNG named like its image.
+    Returns segmentation_metrics(...) plus 'segmentation_images'.
+    """
+    num_classes = len(dataset.classes)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    count = _count(dataset, max_items)
+    picks = _picture_indices(count, pictures)
+    for index in range(count):
+        item = _batch(dataset[index], device)
+        flow = item["flow"] if method == "flow2seg" else None
+        prediction = infer(model, method, item["image"], flow, **(inference or {})).argmax(1)  # (1, H, W)
+        confusion += confusion_matrix(prediction, item["label"], num_classes)
+        if index in picks:
+            panel = segmentation_panel(item["image"][0], item["label"][0], prediction[0], palette,
+                                       flow[0] if flow is not None else None)
+            Image.fromarray(panel).save(Path(out) / f"seg_{picks[index]:03d}.png")
+        if submit is not None:
+            write_cityscapes_prediction(Path(submit) / dataset.items[index][0].name, prediction[0])
+    metrics = segmentation_metrics(confusion.numpy(), categories)
+    metrics["segmentation_images"] = count
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, submit=None):
+    """EPE and Fl of an efc / flow network over pairs with ground truth.
+
+    SyntheticSequence items: 'all' = flow_fw_valid, 'noc' = those pixels not occluded (occ_fw).
+    KittiFlow items: 'all' = flow_occ's valid mask, 'noc' = flow_noc's; padded items are cropped
+    back to their 'size' first. Items without ground truth (KITTI 'testing') give no metrics.
+    Pictures `flow_NNN.png` (flow_panel) go to `out`; with `submit`, every flow is written as
+    submit/flow/<name of frame 10> (KITTI's submission layout). Returns flow_metrics for 'all'
+    and 'noc' plus 'flow_pairs' (pairs with ground truth).
+    """
+    counts = {"all": [], "noc": []}
+    count = _count(dataset, max_items)
+    picks = _picture_indices(count, pictures)
+    for index in range(count):
+        item = _batch(dataset[index], device)
+        image_a, image_b = item["image_a"], item["image_b"]
+        predicted = flow_outputs(model, image_a, image_b)
+        gt = valid = noc = occ = None
+        if "flow_fw" in item:  # the synthetic world
+            gt, valid, occ = item["flow_fw"], item["flow_fw_valid"], item["occ_fw"]
+            noc = valid & ~occ
+        elif "flow" in item:  # KITTI: occluded = has flow_occ ground truth but not flow_noc
+            gt, valid, noc = item["flow"], item["flow_valid"], item["noc_valid"]
+            occ = valid & ~noc
+        if "size" in item:  # KITTI items are padded to a multiple of 64: crop back to the image
+            h, w = item["size"][0].tolist()
+            image_a, image_b = image_a[..., :h, :w], image_b[..., :h, :w]
+            predicted = {k: v[..., :h, :w] for k, v in predicted.items()}
+            if gt is not None:
+                gt, valid, noc, occ = gt[..., :h, :w], valid[..., :h, :w], noc[..., :h, :w], occ[..., :h, :w]
+        if gt is not None:
+            counts["all"].append(flow_error_counts(predicted["flow_ab"], gt, valid))
+            counts["noc"].append(flow_error_counts(predicted["flow_ab"], gt, noc))
+        if index in picks:
+            panel = flow_panel(image_a[0], image_b[0], predicted["flow_ab"][0], predicted["occ_a"][0, 0],
+                               None if gt is None else gt[0], None if gt is None else valid[0],
+                               None if occ is None else occ[0])
+            Image.fromarray(panel).save(Path(out) / f"flow_{picks[index]:03d}.png")
+        if submit is not None:
+            write_kitti_submission(Path(submit) / "flow" / dataset.items[index][0].name, predicted["flow_ab"][0])
+    metrics = {"flow_pairs": len(counts["all"])}
+    if counts["all"]:
+        for region in ("all", "noc"):
+            metrics.update(flow_metrics(torch.cat(counts[region]).numpy(), region))
+    return metrics
+
+
+def _synthetic_flow_input(sequence, flow_dir, snippet, frame):
+    """Flow2Seg's input F_t->t-1 for frame `frame` of a synthetic snippet from a flow directory
+    (names as data.flow_path), as a (1, 2, H, W) tensor; None where the directory has no file."""
+    image = sequence.root / "leftImg8bit_sequence" / f"{sequence.snippets[snippet][frame]}_leftImg8bit.png"
+    for suffix in data.FLOW_SUFFIXES:
+        path = data.flow_path(flow_dir, sequence.split, image, suffix)
+        if path.is_file():
+            flow, _ = data.read_flow(path)
+            return torch.from_numpy(flow).permute(2, 0, 1)[None]
+    return None
+
+
+@torch.no_grad()
+def evaluate_consistency(model, method, sequence, device, max_items=None, inference=None, flow_dir=None):
+    """Temporal consistency of the predictions on consecutive frames of SyntheticSequence items.
+
+    Frames are segmented once each, in order: item (a = I_i, b = I_i+1) segments b and compares it
+    with the prediction of a kept from the previous item, across the ground-truth F_a->b, occluded
+    pixels (occ_fw) ignored. So the first pair of every snippet is not measured, for every method
+    alike (Flow2Seg has no input flow for a snippet's first frame). Flow2Seg's input for frame b is
+    the ground-truth F_b->a (flow_bw) or, with `flow_dir`, that directory's file for b (frames
+    without one are skipped). The same pairs measured on the ground-truth labels give
+    'temporal_consistency_labels', the value a perfect segmentation would reach (below 1 only by
+    the nearest-pixel lookup and by label boundaries). Returns the two and 'consistency_pairs';
+    nothing when no pair could be measured.
+    """
+    agree = counted = agree_labels = counted_labels = pairs = 0
+    previous = None  # ((snippet, frame index), prediction) of the last segmented frame
+    for index in range(_count(sequence, max_items)):
+        item = _batch(sequence[index], device)
+        s, i = int(item["snippet"]), int(item["i"])
+        flow = None
+        if method == "flow2seg":
+            flow = item["flow_bw"] if flow_dir is None else _synthetic_flow_input(sequence, flow_dir, s, i + 1)
+            if flow is None:
+                previous = None
+                continue
+            flow = flow.to(device)
+        prediction_b = infer(model, method, item["image_b"], flow, **(inference or {})).argmax(1)  # (1, H, W)
+        if previous is not None and previous[0] == (s, i):
+            ignore = item["occ_fw"] | ~item["flow_fw_valid"]  # (1, H, W)
+            a, c = consistency_counts(previous[1], prediction_b, item["flow_fw"], ignore)
+            agree, counted = agree + a, counted + c
+            a, c = consistency_counts(item["label_a"], item["label_b"], item["flow_fw"], ignore)
+            agree_labels, counted_labels, pairs = agree_labels + a, counted_labels + c, pairs + 1
+        previous = ((s, i + 1), prediction_b)
+    if not pairs:
+        return {}
+    return {"temporal_consistency": agree / max(counted, 1),
+            "temporal_consistency_labels": agree_labels / max(counted_labels, 1), "consistency_pairs": pairs}
+
+
+def run_evaluation(model, config, device, max_items=None, inference=None, split=None, out=None, pictures=0,
+                   submit=None):
+    """Every metric of config['method'] on its evaluation data (validation_datasets) -> (metrics, sets).
+
+    Pictures and submission files as in evaluate_segmentation / evaluate_flow. The model runs in
+    eval mode under torch.no_grad and gets its previous mode back.
+    """
+    method = config["method"]
+    sets = validation_datasets(config, split)
+    categories = None
+    if config["dataset"] == "cityscapes" and config["num_classes"] == len(data.CITYSCAPES_CLASSES):
+        categories = data.CITYSCAPES_TRAIN_TO_CATEGORY
+    palette = palette_for(config, config["num_classes"])
+    for folder in (out, submit):
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    metrics = {}
+    try:
+        if sets["segmentation"] is not None:
+            metrics.update(evaluate_segmentation(model, method, sets["segmentation"], device, categories, max_items,
+                                                 inference, out, pictures, palette,
+                                                 submit if config["dataset"] == "cityscapes" else None))
+        if sets["flow"] is not None:
+            metrics.update(evaluate_flow(model, sets["flow"], device, max_items, out, pictures,
+                                         submit if config["dataset"] == "kitti" else None))
+        if sets["consistency"] is not None:
+            metrics.update(evaluate_consistency(model, method, sets["consistency"], device, max_items, inference,
+                                                config.get("flow_dir")))
+    finally:
+        model.train(was_training)
+    return metrics, sets
+
+
+def validate(model, config, device, max_items=None):
+    """train.py's periodic validation: single-scale metrics of config['method'] on its validation data.
+
+    Returns a dict of plain floats and lists: 'miou', 'pixel_acc', 'iou' (NaN for classes absent
+    from ground truth and prediction), 'category_iou' (Cityscapes) for psp / efc / flow2seg;
+    'epe_all', 'epe_noc', 'fl_all', 'fl_noc' (pooled; *_per_image too) for efc / flow on the
+    synthetic world or KITTI; 'temporal_consistency' for segmenting methods on the synthetic world;
+    and item counts. max_items caps the items of each dataset. Call it on the unwrapped model.
+    """
+    return run_evaluation(model, config, device, max_items)[0]
+
+
+# =============================================================================================
+# 6. Pictures (uint8 RGB arrays, saved with Pillow)
+# =============================================================================================
+def to_rgb(image):
+    """A normalised image (3, H, W) -> (H, W, 3) uint8."""
+    rgb = data.denormalize(image[None].float())[0].clamp(0, 1)
+    return (rgb.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def grey(x):
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 grey levels."""
+    x = np.clip(np.asarray(x, dtype=np.float64), 0, 1)
+    return np.repeat((x * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+
+
+def side_by_side(tiles, gap=2):
+    """Tiles (H, W, 3) uint8 of one height, left to right, separated by white columns."""
+    space = np.full((tiles[0].shape[0], gap, 3), 255, dtype=np.uint8)
+    return np.concatenate([x for tile in tiles for x in (tile, space)][:-1], axis=1)
+
+
+def segmentation_panel(image, label, prediction, palette, flow=None):
+    """image | ground truth | prediction | error [| input flow for Flow2Seg], (H, 4-5 W, 3) uint8.
+
+    image (3, H, W) normalised; label, prediction (H, W); flow (2, H, W) Flow2Seg's input.
+    Colours are the dataset's palette, ignored pixels black; error: white = wrong, black = right,
+    grey = ignored in the ground truth.
+    """
+    label, prediction = label.cpu().numpy(), prediction.cpu().numpy()
+    error = np.where(label == IGNORE, 0.5, (label != prediction).astype(np.float64))
+    tiles = [to_rgb(image), data.colorize(label, palette), data.colorize(prediction, palette), grey(error)]
+    if flow is not None:
+        tiles.append(data.flow_to_color(flow.permute(1, 2, 0).cpu().numpy()))
+    return side_by_side(tiles)
+
+
+def flow_panel(image_a, image_b, flow, occ_predicted, gt=None, valid=None, occ=None):
+    """image | ground-truth flow | predicted flow | ground-truth occlusion | predicted occlusion |
+    photometric error, (H, 6 W, 3) uint8.
+
+    image_a, image_b (3, H, W) normalised; flow (2, H, W) predicted F_a->b; occ_predicted (H, W)
+    O_est in [0, 1]; gt (2, H, W), valid (H, W), occ (H, W) bool, all optional (black tiles without).
+    Flows use the Middlebury colour wheel (data.flow_to_color) with one scale for both, the largest
+    valid ground-truth length (else the prediction's); pixels without ground truth are black.
+    Occlusion: white = occluded, grey = no ground truth. Photometric error: |I_a - warp(I_b, flow)|
+    averaged over RGB on [0, 1] images, white at PHOTO_ERROR_WHITE and above; red where the flow
+    leaves the image.
+    """
+    H, W = flow.shape[-2:]
+    flow_np = flow.permute(1, 2, 0).cpu().numpy()
+    black = np.zeros((H, W, 3), dtype=np.uint8)
+    gt_tile, occ_tile, max_radius = black, black, None
+    if gt is not None:
+        gt_np, valid_np = gt.permute(1, 2, 0).cpu().numpy(), valid.cpu().numpy()
+        if valid_np.any():
+            max_radius = float(np.hypot(gt_np[..., 0], gt_np[..., 1])[valid_np].max())
+        gt_tile = np.where(valid_np[..., None], data.flow_to_color(gt_np, max_radius), 0).astype(np.uint8)
+    if occ is not None:
+        occ_tile = grey(np.where(valid.cpu().numpy(), occ.cpu().numpy().astype(np.float64), 0.5))
+    a, b = data.denormalize(image_a[None].float()), data.denormalize(image_b[None].float())
+    warped, inside = warp.backward_warp(b, flow[None].float())
+    error = (a - warped).abs().mean(1)[0].cpu().numpy() / PHOTO_ERROR_WHITE  # (H, W)
+    error_tile = np.where(inside[0, 0, ..., None].cpu().numpy() > 0, grey(error), np.array([255, 0, 0], np.uint8))
+    tiles = [to_rgb(image_a), gt_tile, data.flow_to_color(flow_np, max_radius), occ_tile,
+             grey(occ_predicted.cpu().numpy()), error_tile.astype(np.uint8)]
+    return side_by_side(tiles)
+
+
+# =============================================================================================
+# 7. Benchmark files
+# =============================================================================================
+# Cityscapes' server scores labelIds: every train id goes back to the one label id that maps to it.
+CITYSCAPES_TRAIN_TO_LABEL = tuple(label_id for _, label_id, train_id, _, _ in
+                                  sorted(data.CITYSCAPES_LABELS, key=lambda row: row[2]) if 0 <= train_id < 255)
+KITTI_FLOW_RANGE = (-512.0, 511.984375)  # what KITTI's 16-bit PNG can hold
+
+
+def write_cityscapes_prediction(path, train_ids):
+    """Write a prediction (H, W) of Cityscapes train ids 0..18 as an 8-bit labelIds PNG at `path`.
+
+    The benchmark (cityscapesScripts' evalPixelLevelSemanticLabeling) finds a result by the
+    CITY_SEQ_FRAME in its name; we keep the image's own name, CITY_SEQ_FRAME_leftImg8bit.png.
+    """
+    train_ids = np.asarray(train_ids.cpu() if torch.is_tensor(train_ids) else train_ids)
+    table = np.array(CITYSCAPES_TRAIN_TO_LABEL, dtype=np.uint8)
+    if train_ids.min() < 0 or train_ids.max() >= len(table):
+        raise ValueError(f"{path}: train ids must be 0..{len(table) - 1}, got {train_ids.min()}..{train_ids.max()}")
+    Image.fromarray(table[train_ids]).save(path)
+
+
+def write_kitti_submission(path, flow):
+    """Write a predicted flow (2, H, W) as a KITTI 16-bit PNG (data.write_kitti_flow), every pixel valid.
+
+    Values beyond what the format holds ([-512, 511.98] px) are clipped to it, with a warning: a
+    prediction that long is an outlier either way, and the benchmark needs a file for every image.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flow = flow.permute(1, 2, 0).cpu().double().numpy()
+    outside = int(((flow < KITTI_FLOW_RANGE[0]) | (flow > KITTI_FLOW_RANGE[1])).sum())
+    if outside:
+        print(f"warning: {path}: {outside} flow values beyond KITTI's 16-bit range {KITTI_FLOW_RANGE} px clipped")
+    flow = flow.clip(*KITTI_FLOW_RANGE)
+    data.write_kitti_flow(path, flow)
+
+
+# =============================================================================================
+# 8. A folder of frames without ground truth
+# =============================================================================================
+def list_frames(folder):
+    """The image files of a folder (.png, .jpg, .jpeg), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: frames folder not found (--frames)")
+    frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+    if not frames:
+        raise FileNotFoundError(f"{folder}: no .png or .jpg frames (--frames)")
+    return frames
+
+
+def _frame_flow_file(flow_dir, frame):
+    """The flow F_t->t-1 of a frame in a flow folder: the frame's name with .flo, _flow.png or .npy."""
+    for suffix in data.FLOW_SUFFIXES:
+        path = Path(flow_dir) / (frame.stem + suffix)
+        if path.is_file():
+            return path
+    return None
+
+
+@torch.no_grad()
+def run_frames(model, method, frames, out, device, palette, inference=None, flow_net=None, flow_dir=None,
+               log=print):
+    """Predictions for every frame of a video without ground truth, written to `out`:
+      NAME_seg.png   the colourised segmentation (psp, efc, flow2seg)
+      NAME_flow.png  F_t->t+1 in Middlebury colours, for every frame but the last, when a flow
+                     network is given (an efc / flow checkpoint itself, or --flow-checkpoint)
+    Flow2Seg's input F_t->t-1 comes from `flow_dir` (files named like the frames, see
+    _frame_flow_file; every frame but the first needs one), else from `flow_net`. The first frame
+    has no previous frame: it gets zero flow (a static scene) unless flow_dir holds a file for it.
+    With a flow network the temporal consistency of consecutive predictions is measured across
+    its flow F_t->t+1, occlusion by the forward-backward check (warp.fb_occlusion). Returns
+    {'frames', and 'temporal_consistency', 'consistency_pairs' when measured}.
+    """
+    if method == "flow2seg" and flow_dir is None and flow_net is None:
+        raise ValueError("flow2seg needs an input flow F_t->t-1 for each frame: pass --flow-dir (flows named "
+                         "like the frames, .flo / _flow.png / .npy) or --flow-checkpoint (an efc or flow checkpoint)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    segmenting = method != "flow"
+    agree = counted = pairs = 0
+    previous_image = previous_prediction = None
+    size = None
+    for t, frame in enumerate(frames):
+        rgb = torch.from_numpy(data.read_image(frame)).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]
+        image = data.normalize(rgb[None]).to(device)  # (1, 3, H, W)
+        if size is None:
+            size = image.shape[-2:]
+        elif image.shape[-2:] != size:
+            raise ValueError(f"{frame}: frame is {image.shape[-1]}x{image.shape[-2]}, the first frame "
+                             f"{size[1]}x{size[0]} (width x height); all frames must have one size")
+        flows = None
+        if flow_net is not None and previous_image is not None:
+            flows = flow_outputs(flow_net, image, previous_image)  # flow_ab = F_t->t-1, flow_ba = F_t-1->t
+            Image.fromarray(data.flow_to_color(flows["flow_ba"][0].permute(1, 2, 0).cpu().numpy())).save(
+                out / f"{frames[t - 1].stem}_flow.png")
+        if segmenting:
+            flow_input = None
+            if method == "flow2seg":
+                path = _frame_flow_file(flow_dir, frame) if flow_dir is not None else None
+                if path is not None:
+                    flow_input = torch.from_numpy(data.read_flow(path)[0]).permute(2, 0, 1)[None].to(device)
+                    if flow_input.shape[-2:] != size:
+                        raise ValueError(f"{path}: flow is {flow_input.shape[-1]}x{flow_input.shape[-2]}, the frames "
+                                         f"{size[1]}x{size[0]} (width x height)")
+                elif t == 0:
+                    flow_input = image.new_zeros(1, 2, *size)
+                elif flow_dir is not None:
+                    raise FileNotFoundError(f"{Path(flow_dir) / frame.stem}.flo (or _flow.png, .npy) not found: the "
+                                            f"flow F_t->t-1 of {frame.name} (--flow-dir)")
+                else:
+                    flow_input = flows["flow_ab"]
+            prediction = infer(model, method, image, flow_input, **(inference or {})).argmax(1)  # (1, H, W)
+            Image.fromarray(data.colorize(prediction[0].cpu().numpy(), palette)).save(out / f"{frame.stem}_seg.png")
+            if flows is not None:
+                occluded = warp.fb_occlusion(flows["flow_ba"], flows["flow_ab"])[:, 0] > 0  # pixels of t-1
+                a, c = consistency_counts(previous_prediction, prediction, flows["flow_ba"], occluded)
+                agree, counted, pairs = agree + a, counted + c, pairs + 1
+            previous_prediction = prediction
+        previous_image = image
+        log(f"\rframe {t + 1}/{len(frames)}", end="", flush=True)
+    log("")
+    result = {"frames": len(frames)}
+    if pairs:
+        result.update(temporal_consistency=agree / max(counted, 1), consistency_pairs=pairs)
+    return result
+
+
+# =============================================================================================
+# 9. The table and the command line
+# =============================================================================================
+def _number(value, scale=1.0, width=9, digits=2):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"{'-':>{width}}"
+    return f"{value * scale:>{width}.{digits}f}"
+
+
+def format_table(metrics, classes=None, title=""):
+    """The printed table: per-class IoU rows, summary lines, flow rows with pooled and per-image
+    columns. IoU, accuracy, consistency and Fl in %, EPE in pixels; '-' = not defined (NaN)."""
+    lines = [title] if title else []
+    if "iou" in metrics:
+        names = classes or [str(k) for k in range(len(metrics["iou"]))]
+        lines.append(f"{'class':<24}{'IoU %':>9}")
+        lines += [f"{name:<24}{_number(v, 100)}" for name, v in zip(names, metrics["iou"])]
+        if "category_ious" in metrics:
+            lines += [f"{'category ' + name:<24}{_number(v, 100)}"
+                      for name, v in zip(data.CITYSCAPES_CATEGORIES, metrics["category_ious"])]
+        lines.append(f"{'mIoU (IoU cls)':<24}{_number(metrics['miou'], 100)}")
+        if "category_iou" in metrics:
+            lines.append(f"{'IoU cat':<24}{_number(metrics['category_iou'], 100)}")
+        n = metrics["segmentation_images"]
+        lines.append(f"{'pixel accuracy':<24}{_number(metrics['pixel_acc'], 100)}   ({n} image{'s' * (n != 1)})")
+    if "temporal_consistency" in metrics:
+        lines.append(f"{'temporal consistency':<24}{_number(metrics['temporal_consistency'], 100)}"
+                     f"   ({metrics['consistency_pairs']} frame pairs, occluded pixels ignored)")
+        if "temporal_consistency_labels" in metrics:
+            lines.append(f"{'  of the ground truth':<24}{_number(metrics['temporal_consistency_labels'], 100)}")
+    if "epe_all" in metrics:
+        lines.append(f"{'flow':<24}{'pooled':>9}{'per image':>11}   ({metrics['flow_pairs']} pairs)")
+        for key, name, scale in (("epe_noc", "EPE noc (px)", 1), ("epe_all", "EPE all (px)", 1),
+                                 ("fl_noc", "Fl-noc %", 100), ("fl_all", "Fl-all %", 100)):
+            lines.append(f"{name:<24}{_number(metrics[key], scale)}{_number(metrics[key + '_per_image'], scale, 11)}")
+    return "\n".join(lines)
+
+
+def json_safe(value):
+    """metrics.json and train.py's log: NaN -> null (JSON has no NaN), in nested lists and dicts."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Evaluate a train.py checkpoint on its validation set (table, metrics.json, pictures), write "
+                    "benchmark files, or run it on a folder of frames.")
+    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (ckpt.pt)")
+    parser.add_argument("--dataset", choices=DATASETS, help="override the checkpoint's dataset")
+    parser.add_argument("--data-root", help="override the checkpoint's data root")
+    parser.add_argument("--flow-dir", help="Flow2Seg's input flows: a flow directory (data.flow_path) for a dataset; "
+                                           "with --frames, flows F_t->t-1 named like the frames")
+    parser.add_argument("--split", help="default: val (Cityscapes layout, CamVid), training (KITTI)")
+    parser.add_argument("--out", help="write metrics.json and pictures (or, with --frames, the predictions) here")
+    parser.add_argument("--pictures", type=int, default=4, help="picture panels per dataset (default: %(default)s)")
+    parser.add_argument("--submit", help="write benchmark files here: Cityscapes labelIds PNGs, KITTI flow/*.png")
+    parser.add_argument("--mode", choices=("single", "multiscale", "sliding"), default="single",
+                        help="inference: single scale; multiscale (--scales, flip; sliding too with --crop); "
+                             "sliding windows of --crop at --stride-rate (default: %(default)s)")
+    parser.add_argument("--scales", type=float, nargs="+", default=PSP_SCALES,
+                        help="multiscale: scales of the input size (default: PSPNet's 0.5 .. 1.75)")
+    parser.add_argument("--no-flip", action="store_true", help="multiscale: no mirrored runs")
+    parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"),
+                        help="sliding window size (default for --mode sliding: 713 713)")
+    parser.add_argument("--stride-rate", type=float, default=STRIDE_RATE,
+                        help="window stride as a fraction of the window (default: 2/3)")
+    parser.add_argument("--max-items", type=int, help="evaluate only the first N items of each dataset")
+    parser.add_argument("--frames", help="a folder of video frames without ground truth (needs --out)")
+    parser.add_argument("--flow-checkpoint", help="with --frames: an efc or flow checkpoint giving the flow")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.pictures < 0 or (args.max_items is not None and args.max_items < 1):
+        parser.error(f"--pictures {args.pictures} must be >= 0 and --max-items {args.max_items} >= 1")
+    if not 0 < args.stride_rate <= 1 or any(s <= 0 for s in args.scales) or (args.crop and min(args.crop) < 1):
+        parser.error(f"--stride-rate {args.stride_rate} must be in (0, 1], --scales {args.scales} positive, "
+                     f"--crop {args.crop} at least 1 x 1")
+    if args.frames and not args.out:
+        parser.error("--frames writes its predictions to --out: give --out DIR")
+    if args.frames and args.submit or args.flow_checkpoint and not args.frames:
+        parser.error("--flow-checkpoint goes with --frames, --submit with a dataset (not --frames)")
+    try:
+        device = torch.device(args.device)
+        net, checkpoint = load_checkpoint(args.checkpoint, device)
+        config = config_of(checkpoint, args.dataset, args.data_root, None if args.frames else args.flow_dir)
+        method = config["method"]
+        inference = inference_mode(args.mode, args.scales, not args.no_flip, args.crop, args.stride_rate)
+        palette = palette_for(config, config["num_classes"])
+        start = time.perf_counter()
+        title = (f"{method} ({config['backbone']}) from {args.checkpoint}, iteration {checkpoint.get('iteration', '?')}"
+                 f"; {describe_inference(inference)}")
+        if args.frames:
+            flow_net = net if method in ("efc", "flow") else None
+            if args.flow_checkpoint:
+                flow_net, flow_checkpoint = load_checkpoint(args.flow_checkpoint, device)
+                if flow_checkpoint["method"] not in ("efc", "flow"):
+                    raise ValueError(f"{args.flow_checkpoint}: a {flow_checkpoint['method']} checkpoint computes no "
+                                     "flow; --flow-checkpoint needs an efc or flow checkpoint")
+            frames = list_frames(args.frames)
+            metrics = run_frames(net, method, frames, args.out, device, palette, inference, flow_net, args.flow_dir)
+            title += f"; {len(frames)} frames of {args.frames} -> {args.out}"
+        else:
+            if args.submit and not ((config["dataset"] == "cityscapes" and method != "flow")
+                                    or (config["dataset"] == "kitti" and method in ("efc", "flow"))):
+                raise ValueError(f"--submit writes Cityscapes labelIds (psp, efc, flow2seg) or KITTI flow (efc, flow); "
+                                 f"nothing to submit for {method} on {config['dataset']}")
+            metrics, sets = run_evaluation(net, config, device, args.max_items, inference, args.split, args.out,
+                                           args.pictures if args.out else 0, args.submit)
+            if not metrics.get("segmentation_images") and not metrics.get("flow_pairs") and not args.submit:
+                raise ValueError(f"nothing to evaluate: {method} on {config['dataset']} {sets['split']} has no "
+                                 "segmentation labels or flow ground truth")
+            title += f"; {config['dataset']} {sets['split']} at {config['data_root']}"
+        print(format_table(metrics, None if args.frames else sets["classes"], title))
+        print(f"{time.perf_counter() - start:.1f} s")
+        if args.out:
+            record = {"checkpoint": str(args.checkpoint), "iteration": checkpoint.get("iteration"), "method": method,
+                      "dataset": config["dataset"], "data_root": str(config["data_root"]),
+                      "inference": describe_inference(inference), "inference_args": inference,
+                      "classes": None if args.frames else json_safe(list(sets["classes"] or [])),
+                      "metrics": {k: json_safe(v) for k, v in metrics.items()}}
+            if not args.frames:
+                record["split"] = sets["split"]
+            Path(args.out, "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,654 @@
+"""Training: one entry point for the image-only PSPNet baseline, Flow2Seg, EFC and EFC's flow branch alone.
+
+    python train.py --method {psp,flow2seg,efc,flow} [--recipe quick|paper] [flags]
+
+With no other flag it trains on the synthetic world (written to ./data/synthetic if missing), on the
+CPU, with ResNet-18 backbones, in a few minutes, and ends by printing the validation numbers and
+where the checkpoint and the log are. `--recipe paper` sets each paper's published recipe:
+  EFC "Implementation Details": SGD, momentum 0.9, weight decay 1e-4, base lr 0.01, poly power 0.9,
+      crop 713, batch 16, 120K iterations, ten pairs per snippet (five with the labelled frame),
+      loss weights of eq. (9); the PSPNet baseline and the flow branch alone use the same setting
+      ("All experiments use the same training setting", EFC "Ablation Study").
+  Flow2Seg 4.2: Adam, lr 2e-5, weight decay 1e-4, poly power 0.9, crop 832, batch 8, 100K iterations;
+      the two paths are trained separately, then fine-tuned jointly with the fusion module
+      (--flow2seg-stage, --init, --freeze).
+The ablations of EFC Tables 1 and 2 are --ablation NAME (see ABLATIONS).
+
+Distributed: `torchrun --nproc_per_node=N train.py ...` runs DistributedDataParallel (NCCL on GPUs,
+gloo on CPUs) with SyncBatchNorm; --batch is the global batch, split over the processes, and every
+process draws its share of the same global batch a single process would draw, so N processes train
+like one (up to floating-point summation order).
+
+Reproducibility: the data order and every random augmentation are functions of (--seed, epoch, item
+index) (see SeededItems), so a run resumed from a checkpoint continues exactly as the uninterrupted
+run would (bitwise on the CPU; on GPUs, up to nondeterministic kernels such as scatter-add).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+import data
+import evaluate
+import losses
+import warp
+from model import METHODS, build_model, load_pretrained
+
+# ---------------------------------------------------------------------------------------------
+# Recipes. Every flag left unset takes its value from the recipe ("quick": the synthetic world on a
+# CPU in minutes; "paper": the papers' settings, see the docstring). Explicit flags always win.
+# ---------------------------------------------------------------------------------------------
+QUICK = {"backbone": "resnet18", "flow_backbone": "resnet18", "crop": [96, 96], "batch": 4,
+         "iterations": 200, "pairs_per_snippet": 10, "workers": 1, "val_every": 100, "val_items": 60,
+         "log_every": 10, "ckpt_every": 100}
+PAPER_EFC = {"backbone": "resnet101", "flow_backbone": "resnet18", "optimizer": "sgd", "lr": 0.01,
+             "weight_decay": 1e-4, "crop": [713, 713], "batch": 16, "iterations": 120_000,
+             "pairs_per_snippet": 10, "workers": 8, "val_every": 5000, "val_items": None, "log_every": 50,
+             "ckpt_every": 2000}
+PAPER_FLOW2SEG = {**PAPER_EFC, "optimizer": "adam", "lr": 2e-5, "crop": [832, 832], "batch": 8,
+                  "iterations": 100_000}
+OPTIMIZER = {  # quick recipe: the papers' optimisers
+    "psp": ("sgd", 0.01), "efc": ("sgd", 0.01), "flow": ("sgd", 0.01), "flow2seg": ("adam", 2e-5 * 10),
+}
+# On the synthetic world from scratch, 2e-5 (a fine-tuning rate for ImageNet-initialised networks)
+# learns little in 200 iterations; the quick recipe uses 2e-4. The paper recipe keeps 2e-5.
+
+# EFC Tables 1 and 2: name -> (method, efc_loss switches, pairs per snippet, pairs with the labelled frame)
+ABLATIONS = {
+    # Table 1 (segmentation)
+    "tcc-fix": ("efc", dict(frozen_flow=True, occlusion=False, error_mask=False), 1, 1),
+    "tcc-single": ("efc", dict(occlusion=False, error_mask=False), 1, 1),
+    "tcc-single-om": ("efc", dict(), 1, 1),
+    "tcc-multi-om": ("efc", dict(), 5, 5),
+    "full": ("efc", dict(), 10, 5),  # "+ UD": five more pairs without the labelled frame
+    # Table 2 (flow)
+    "ul": ("flow", dict(flow_only=True, occlusion=False), 10, 5),
+    "ul-oe": ("flow", dict(flow_only=True), 10, 5),
+    "ul-tc": ("efc", dict(occlusion=False, error_mask=False), 10, 5),
+    "ul-oe-tc": ("efc", dict(error_mask=False), 10, 5),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Unset flags take the recipe's value (see the docstring of train.py and the README).")
+    p.add_argument("--method", required=True, choices=METHODS,
+                   help="psp: image-only PSPNet; flow2seg: Flow2Seg; efc: EFC; flow: EFC's flow branch alone (Table 2 'UL')")
+    p.add_argument("--recipe", choices=["quick", "paper"], default="quick",
+                   help="quick: synthetic world, CPU, minutes (default); paper: the paper's setting for the method")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS),
+                   help="an EFC Table 1/2 row: tcc-fix (needs --init with a trained flow model), tcc-single, "
+                        "tcc-single-om, tcc-multi-om, full; ul, ul-oe (method flow), ul-tc, ul-oe-tc")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["synthetic", "cityscapes", "camvid", "kitti"], default="synthetic",
+                   help="kitti: unsupervised flow on KITTI 2015 multiview frames (method flow only)")
+    g.add_argument("--data-root", help="dataset folder (default for synthetic: data/synthetic, generated if missing)")
+    g.add_argument("--frames-dir", help="CamVid: folder of video frames for the unlabelled neighbours (efc, flow)")
+    g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (quick 96 96; paper 713 / 832)")
+    g.add_argument("--pairs-per-snippet", type=int, help="EFC: pairs drawn per snippet per epoch (paper: 10)")
+    g.add_argument("--labelled-pairs", type=int, help="EFC: how many of them contain the labelled frame (default: half)")
+    g.add_argument("--max-gap", type=int, default=5, help="EFC: pairs (I_i, I_i+t) with 1 <= t <= max-gap (paper: 5)")
+    g.add_argument("--no-augment", action="store_true", help="no scale/rotation/flip/jitter; centre crop only")
+    g.add_argument("--workers", type=int, help="DataLoader worker processes per training process")
+    g = p.add_argument_group("Flow2Seg flow input (F_t->t-1 of the labelled frame)")
+    g.add_argument("--flow-dir", help="precomputed flows (.flo, KITTI _flow.png or .npy) named like the frames "
+                                      "(see the README); default on the synthetic world: its ground truth")
+    g.add_argument("--flow-from", metavar="CHECKPOINT",
+                   help="an efc/flow checkpoint: compute the flows once with it into RUN/flows, then train on them")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+                   help="image backbone (quick: resnet18; paper: resnet101)")
+    g.add_argument("--flow-backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
+                   help="Flow2Seg's flow-path backbone (paper: resnet18)")
+    g.add_argument("--pretrained", metavar="FILE", help="ImageNet ResNet state dict (torchvision names) for the "
+                                                        "image backbone; for flow2seg also --pretrained-flow")
+    g.add_argument("--pretrained-flow", metavar="FILE", help="ImageNet ResNet file for Flow2Seg's flow backbone "
+                                                             "(conv1 becomes the mean of its RGB filters)")
+    g.add_argument("--init", metavar="CHECKPOINT", action="append", default=[],
+                   help="initialise from a checkpoint of this project (repeatable): psp -> flow2seg's image path or "
+                        "efc's segmentation branch; flow -> efc; same method -> everything")
+    g.add_argument("--freeze", default="", help="comma-separated parameter-name prefixes to freeze, e.g. 'image' "
+                                                "(Flow2Seg's image path) or 'flow' (EFC's flow decoder)")
+    g.add_argument("--flow2seg-stage", choices=["joint", "flow-path"], default="joint",
+                   help="flow-path: train Flow2Seg's flow path alone (loss L_Flow2Seg, the rest frozen); "
+                        "joint: all of eq. (1)")
+    g.add_argument("--max-displacement", type=int, default=20, help="EFC correlation range in stride-8 pixels")
+    g.add_argument("--corr-stride", type=int, default=2, help="EFC correlation displacement stride")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--iterations", type=int, help="training iterations (quick 200; EFC 120000; Flow2Seg 100000)")
+    g.add_argument("--batch", type=int, help="global batch (quick 4; EFC 16; Flow2Seg 8), split over processes")
+    g.add_argument("--optimizer", choices=["sgd", "adam"], help="sgd (momentum 0.9) or adam (EFC: sgd; Flow2Seg: adam)")
+    g.add_argument("--lr", type=float, help="base learning rate, decayed by (1 - it/iterations)^0.9")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--flow-lr-mult", type=float, default=0.1,
+                   help="lr multiplier of EFC's flow decoder (see the README: at the full lr, SGD moves an untrained "
+                        "decoder's flow by hundreds of pixels in one step)")
+    g.add_argument("--clip-grad", type=float, default=10.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--cons-weight", type=float, default=losses.EFC_WEIGHTS["cons"], help="EFC lambda_cons")
+    g.add_argument("--occ-weight", type=float, default=losses.EFC_WEIGHTS["occ"], help="EFC lambda_occ")
+    g.add_argument("--sm-weight", type=float, default=losses.EFC_WEIGHTS["sm"], help="EFC lambda_sm")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run folder (default runs/METHOD)")
+    g.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly where its checkpoint stopped")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (photometric-family losses stay float32)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+    g.add_argument("--log-every", type=int, help="iterations between log lines")
+    g.add_argument("--val-every", type=int, help="iterations between validations (0: only at the end)")
+    g.add_argument("--val-items", type=int, help="cap on the items of each validation set (quick: 60; paper: all)")
+    g.add_argument("--ckpt-every", type=int, help="iterations between checkpoints")
+    g.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop (with a checkpoint) after N iterations of this invocation, e.g. to fit a cluster's "
+                        "time limit; --resume continues as if never stopped")
+    args = p.parse_args(argv)
+
+    recipe = dict(QUICK)
+    if args.recipe == "paper":
+        recipe = dict(PAPER_FLOW2SEG if args.method == "flow2seg" else PAPER_EFC)
+    else:
+        recipe["optimizer"], recipe["lr"] = OPTIMIZER[args.method]
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.ablation:
+        method = ABLATIONS[args.ablation][0]
+        if method != args.method:
+            p.error(f"--ablation {args.ablation} is an EFC row for --method {method}, not {args.method}")
+    if args.data_root is None:
+        if args.dataset != "synthetic":
+            p.error(f"--dataset {args.dataset} needs --data-root (the folder holding the dataset)")
+        args.data_root = data.SYNTH_DEFAULT_ROOT
+    if args.dataset == "kitti" and args.method != "flow":
+        p.error("--dataset kitti has no segmentation labels: use it with --method flow")
+    if args.method == "flow2seg" and args.dataset not in ("synthetic", "cityscapes"):
+        p.error("--method flow2seg needs Cityscapes-layout video (--dataset synthetic or cityscapes)")
+    if args.flow_dir and args.flow_from:
+        p.error("give --flow-dir or --flow-from, not both")
+    if (args.flow_dir or args.flow_from) and args.method != "flow2seg":
+        p.error("--flow-dir / --flow-from are Flow2Seg's flow input: use them with --method flow2seg")
+    args.out = args.out or os.path.join("runs", args.method if not args.ablation else f"efc-{args.ablation}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: datasets per method, and an order of items that is a pure function of (seed, iteration)
+# ---------------------------------------------------------------------------------------------
+class SeededItems(Dataset):
+    """Wraps a dataset so that item (epoch, index) is a pure function of (seed, epoch, index).
+
+    The batch sampler below yields (epoch, index) pairs; here the pair datasets draw that epoch's
+    pairs (set_epoch) and torch's generator, from which data.JointTransform draws every random
+    augmentation, is seeded with (seed, epoch, index) for the duration of the item. So the same
+    item comes out in any worker, on any rank, before or after a resume.
+    """
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+            return self.dataset[index]
+
+
+class GlobalBatches:
+    """Batch sampler: iteration k takes items [k * B, (k + 1) * B) of an endless stream made of one
+    random permutation of the dataset per epoch (seeded by (seed, epoch)); process `rank` of `world`
+    takes its consecutive share of B / world. Starting at `start` iterations resumes the stream."""
+
+    def __init__(self, size, global_batch, world, rank, seed, start=0):
+        self.size, self.global_batch, self.world, self.rank = size, global_batch, world, rank
+        self.seed, self.start = seed, start
+        self.local = global_batch // world
+
+    def __iter__(self):
+        position = self.start * self.global_batch + self.rank * self.local  # in the endless stream
+        order, epoch = None, None
+        while True:
+            batch = []
+            for p in range(position, position + self.local):
+                e, i = divmod(p, self.size)
+                if e != epoch:
+                    epoch = e
+                    order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + e))
+                batch.append((e, int(order[i])))
+            yield batch
+            position += self.global_batch
+
+
+def dataset_kwargs(args):
+    return {"num_classes": None} if args.dataset in ("synthetic", "cityscapes") else {}
+
+
+def training_dataset(args):
+    """The training set of a method and dataset, with the joint augmentation (data.JointTransform)."""
+    transform = data.JointTransform(crop=args.crop, train=not args.no_augment)
+    root = args.data_root
+    pairs, labelled = args.pairs_per_snippet, args.labelled_pairs
+    if args.ablation:
+        _, _, pairs, labelled = ABLATIONS[args.ablation]
+    if args.dataset == "kitti":
+        return data.KittiFlow(root, "training", mode="multiview", transform=transform)
+    if args.dataset == "camvid":
+        if args.method == "psp":
+            return data.CamVid(root, "train", transform=transform)
+        if not args.frames_dir:
+            raise SystemExit(f"--method {args.method} on CamVid needs --frames-dir (video frames for the pairs)")
+        dataset = data.CamVid(root, "train", frames_dir=args.frames_dir, pairs_per_frame=pairs, max_gap=args.max_gap,
+                              transform=transform, seed=args.seed)
+        dataset.labelled_pairs = labelled
+        return dataset
+    if args.method == "psp":
+        return data.CityscapesImages(root, "train", transform=transform)
+    if args.method == "flow2seg":
+        return data.CityscapesFlow2Seg(root, "train", flow_dir=args.flow_dir, transform=transform)
+    return data.CityscapesPairs(root, "train", pairs_per_snippet=pairs, max_gap=args.max_gap, transform=transform,
+                                seed=args.seed, labelled_pairs=labelled)
+
+
+def num_classes_of(args):
+    if args.dataset == "camvid":
+        return len(data.CAMVID_CLASSES)
+    if args.dataset == "kitti":
+        return len(data.CITYSCAPES_CLASSES)  # the flow branch's EFCNet keeps a Cityscapes-sized head
+    return len(data._dataset_classes(args.data_root))
+
+
+@torch.no_grad()
+def fill_flow_dir(checkpoint, root, out_dir, device):
+    """Flow2Seg's input from EFC's flow: F_t->t-1 of every labelled frame (train and val), computed once
+    by a trained efc/flow network and written as .flo files named as data.flow_path expects."""
+    net, ckpt = evaluate.load_checkpoint(checkpoint, device)
+    if ckpt["method"] not in ("efc", "flow"):
+        raise SystemExit(f"--flow-from {checkpoint}: a {ckpt['method']} checkpoint has no flow branch (need efc or flow)")
+    for split in ("train", "val"):
+        frames = data.labelled_frames_with_previous(root, split)
+        for k, (image, previous) in enumerate(frames):
+            a = data.normalize(torch.from_numpy(data.read_image(image)).permute(2, 0, 1)[None].float().div(255))
+            b = data.normalize(torch.from_numpy(data.read_image(previous)).permute(2, 0, 1)[None].float().div(255))
+            flow = evaluate.predict_flow(net, a.to(device), b.to(device))  # (1, 2, H, W) F_t->t-1
+            target = data.flow_path(out_dir, split, image)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data.write_flo(target, flow[0].permute(1, 2, 0).cpu().numpy())
+            print(f"\rflows from {checkpoint}: {split} {k + 1}/{len(frames)}", end="", flush=True)
+    print()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimiser, checkpoints
+# ---------------------------------------------------------------------------------------------
+def initialise(net, args, log):
+    """--pretrained ImageNet files and --init checkpoints of this project."""
+    if args.pretrained:
+        backbone = net.backbone if args.method == "psp" else net.image.backbone if args.method == "flow2seg" \
+            else net.seg.backbone
+        log(load_pretrained(backbone, args.pretrained))
+    if args.pretrained_flow:
+        if args.method != "flow2seg":
+            raise SystemExit("--pretrained-flow is Flow2Seg's flow backbone: use it with --method flow2seg")
+        log(load_pretrained(net.flow_backbone, args.pretrained_flow))
+    for path in args.init:
+        ckpt = read_checkpoint(path)
+        state, source = ckpt["model"], ckpt["method"]
+        if source == "psp" and args.method == "flow2seg":
+            state = {"image." + k: v for k, v in state.items()}
+        elif source == "psp" and args.method in ("efc", "flow"):
+            state = {"seg." + k: v for k, v in state.items()}
+        elif not (source == args.method or {source, args.method} <= {"efc", "flow"}):
+            raise SystemExit(f"--init {path}: a {source} checkpoint cannot initialise --method {args.method}")
+        own = net.state_dict()
+        bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+        if bad:
+            raise SystemExit(f"--init {path}: {len(bad)} tensors do not fit this {args.method} network "
+                             f"(e.g. {bad[:3]}); check --backbone / --flow-backbone")
+        net.load_state_dict(state, strict=False)
+        log(f"--init {path}: loaded {len(state)} of {len(own)} tensors from a {source} checkpoint")
+
+
+def parameter_groups(net, args):
+    """Trainable parameters, EFC's flow decoder at lr * flow_lr_mult (see --flow-lr-mult)."""
+    frozen = [p.strip() for p in args.freeze.split(",") if p.strip()]
+    if args.method == "flow2seg" and args.flow2seg_stage == "flow-path":
+        frozen += ["image", "fusion"]
+    main, flow = [], []
+    for name, param in net.named_parameters():
+        if any(name == f or name.startswith(f + ".") for f in frozen):
+            param.requires_grad_(False)
+        elif args.method in ("efc", "flow") and name.startswith("flow."):
+            flow.append(param)
+        else:
+            main.append(param)
+    unknown = [f for f in frozen if not any(n == f or n.startswith(f + ".") for n, _ in net.named_parameters())]
+    if unknown:
+        raise SystemExit(f"--freeze {args.freeze}: no parameters start with {unknown}")
+    groups = [{"params": main, "lr_mult": 1.0}]
+    if flow:
+        groups.append({"params": flow, "lr_mult": args.flow_lr_mult})
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups, args):
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def poly_lr(optimizer, args, iteration):
+    """'poly' policy (EFC, Flow2Seg, PSPNet): lr = base * (1 - iteration / iterations)^0.9. A function
+    of the iteration alone, so resuming needs no scheduler state."""
+    factor = (1 - iteration / args.iterations) ** 0.9
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr * group["lr_mult"] * factor
+    return args.lr * factor
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path, obj):
+    """Atomic: write a temporary file in the same folder, flush it to disk, then rename over the
+    target. A run killed at any moment leaves either the old checkpoint or the new one, never half
+    of one (os.replace is atomic on POSIX and Windows)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    """evaluate.read_checkpoint, its errors as one-line exits."""
+    try:
+        return evaluate.read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error)) from None
+
+
+class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
+    """SyncBatchNorm for CPU processes (gloo), which torch.nn.SyncBatchNorm refuses: in training,
+    mean and variance come from the sums over the *global* batch, through an all_reduce that
+    autograd differentiates (its backward all-reduces the gradients), so N processes normalise and
+    back-propagate exactly like one process holding the whole batch."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        C = x.shape[1]
+        local = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), x.new_full((1,), x.numel() // C)])  # (2C + 1,)
+        total = torch.distributed.nn.functional.all_reduce(local)  # summed over processes
+        n = total[-1]
+        mean = total[:C] / n  # (C,)
+        var = total[C:2 * C] / n - mean * mean  # biased, as BatchNorm normalises with
+        with torch.no_grad():  # running statistics as nn.BatchNorm2d: momentum 0.1, unbiased variance
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)  # (C,)
+        return x * scale.view(1, C, 1, 1) + (self.bias - mean * scale).view(1, C, 1, 1)
+
+
+def synchronise_batchnorm(net, device):
+    """SyncBatchNorm for a multi-process run: torch's on GPUs, CPUSyncBatchNorm on CPUs."""
+    if device.type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for name, child in net.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            synced = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum)
+            synced.load_state_dict(child.state_dict())
+            setattr(net, name, synced)
+        else:
+            synchronise_batchnorm(child, device)
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+# One step: forward, the method's loss, and its terms for the log
+# ---------------------------------------------------------------------------------------------
+def compute_loss(net, batch, args):
+    """-> (total, terms: dict of detached scalars). The forward runs under autocast when --amp;
+    losses.py keeps the photometric family in float32 inside."""
+    if args.method == "psp":
+        out = net(batch["image"])
+        total = losses.segmentation_loss(out["logits"], batch["label"], out["aux"])
+        return total, {"seg": total.detach()}
+    if args.method == "flow2seg":
+        out = net(batch["image"], batch["flow"])
+        total, terms = losses.flow2seg_loss(out, batch["label"])
+        if args.flow2seg_stage == "flow-path":  # the flow path alone: L_Flow2Seg (its eq. (1) term)
+            total = losses.segmentation_loss(out["flow_logits"], batch["label"])
+        return total, terms
+    switches = dict(ABLATIONS[args.ablation][1]) if args.ablation else {}
+    if args.method == "flow":
+        switches.setdefault("flow_only", True)
+    out = net(batch["image_a"], batch["image_b"], segment=not switches.get("flow_only", False))
+    weights = {"cons": args.cons_weight, "occ": args.occ_weight, "sm": args.sm_weight}
+    return losses.efc_loss(out, batch, weights, **switches)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes ({world})")
+    out = Path(args.out)
+    is_main = rank == 0
+
+    def log(message):
+        if is_main:
+            print(message, flush=True)
+
+    # Data. The synthetic world is written once, by rank 0, the others wait.
+    if args.dataset == "synthetic" and not Path(args.data_root).is_dir():
+        if is_main:
+            log(f"writing the synthetic world to {args.data_root} (python data.py synth) ...")
+            data.make_synthetic_world(args.data_root)
+        if world > 1:
+            dist.barrier()
+    elif not Path(args.data_root).is_dir():
+        raise SystemExit(f"--data-root {args.data_root}: no such folder (expected the {args.dataset} layout; "
+                         "see the README's 'Data' section)")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.flow_from:
+        args.flow_dir = str(out / "flows")
+        if is_main:
+            fill_flow_dir(args.flow_from, args.data_root, args.flow_dir, device)
+        if world > 1:
+            dist.barrier()
+    train_set = training_dataset(args)
+    args.num_classes = num_classes_of(args)
+
+    # Model.
+    resume = read_checkpoint(args.resume) if args.resume else None
+    if resume is not None and resume["method"] != args.method:
+        raise SystemExit(f"--resume {args.resume}: a {resume['method']} checkpoint, not {args.method}")
+    torch.manual_seed(args.seed)
+    net = build_model(args.method, args.num_classes, args.backbone, args.flow_backbone, args.max_displacement,
+                      args.corr_stride)
+    if resume is None:
+        initialise(net, args, log)
+    else:
+        net.load_state_dict(resume["model"])
+    if world > 1:
+        net = synchronise_batchnorm(net, device)  # SyncBN only when it has something to sync
+    net.to(device)
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+    groups = parameter_groups(net, args)
+    optimizer = make_optimizer(groups, args)
+    start, best = 0, None
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        start, best = resume["iteration"], resume.get("best")
+        set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
+    bare = net  # the unwrapped network: checkpoints, validation
+    if world > 1:
+        # The flow branch alone leaves the segmentation decoder unused; frozen parts have no grads.
+        unused = args.method == "flow" or (args.ablation and ABLATIONS[args.ablation][1].get("flow_only"))
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=bool(unused))
+    model = torch.compile(net) if args.compile else net
+
+    sampler = GlobalBatches(len(train_set), args.batch, world, rank, args.seed, start)
+    # The loader's own generator: its per-worker seeds must not consume the global generator, whose
+    # state (dropout) is saved in checkpoints.
+    loader = DataLoader(SeededItems(train_set, args.seed), batch_sampler=sampler, num_workers=args.workers,
+                        worker_init_fn=data.worker_init_fn, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(args.seed))
+    config = {k: v for k, v in vars(args).items()}
+    log(f"{args.method}{' (' + args.ablation + ')' if args.ablation else ''} on {args.dataset} ({args.data_root}): "
+        f"{len(train_set)} training items, {args.num_classes} classes, {args.backbone}, crop {args.crop[0]}x"
+        f"{args.crop[1]}, batch {args.batch} on {world} process(es), {args.iterations} iterations, "
+        f"{args.optimizer} lr {args.lr}, device {device}{', bf16' if args.amp else ''}")
+
+    def checkpoint(iteration, metrics=None):
+        rngs = [None] * world
+        state = rng_state()
+        if world > 1:
+            dist.all_gather_object(rngs, state)
+        else:
+            rngs = [state]
+        if is_main:
+            obj = {"method": args.method, "config": config, "model": bare.state_dict(),
+                   "optimizer": optimizer.state_dict(), "iteration": iteration, "best": best, "rng": rngs,
+                   "metrics": metrics}
+            save_checkpoint(out / "ckpt.pt", obj)
+            return obj
+        return None
+
+    def validation(iteration):
+        nonlocal best
+        metrics = None
+        if is_main:
+            metrics = evaluate.validate(bare, config, device, max_items=args.val_items)
+            score = metrics.get("miou", -metrics.get("epe_all", math.inf))  # flow branch alone: lowest EPE
+            record = {"iteration": iteration, "validation": evaluate.json_safe(metrics)}
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log(f"validation at {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                           if isinstance(v, float)))
+            if best is None or score > best:
+                best = score
+                return metrics, True
+        return metrics, False
+
+    # Train.
+    net.train()
+    iterator = iter(loader)
+    log_path = out / "log.jsonl"
+    t0, seen, step_time = time.time(), 0, time.time()
+    end = args.iterations if args.stop_after is None else min(args.iterations, start + args.stop_after)
+    for iteration in range(start, end):
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(iterator).items()}
+        if args.channels_last:
+            batch = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
+                     for k, v in batch.items()}
+        lr = poly_lr(optimizer, args, iteration)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            total, terms = compute_loss(model, batch, args)
+        # The loss and its terms, averaged over processes: every process sees the same numbers and so
+        # takes the same decision below (a process stopping alone would leave the others waiting).
+        names = sorted(terms)
+        values = torch.stack([total.detach().float()] + [terms[n].float() for n in names])
+        if world > 1:
+            dist.all_reduce(values)
+            values /= world
+        if not torch.isfinite(values).all():
+            bad = ["total"] + names
+            culprit = next(bad[k] for k in range(1, len(bad)) if not torch.isfinite(values[k])) \
+                if not torch.isfinite(values[1:]).all() else "total"
+            raise SystemExit(f"iteration {iteration}: loss term '{culprit}' is not finite ({values.tolist()}); "
+                             f"stopping. The last checkpoint, {out / 'ckpt.pt'}, is from before this iteration "
+                             "and intact.")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.clip_grad)
+        optimizer.step()
+        seen += args.batch
+        done = iteration + 1
+        if is_main and (done % args.log_every == 0 or done == args.iterations):
+            elapsed = time.time() - step_time
+            rate = seen / max(elapsed, 1e-9)
+            eta = (args.iterations - done) * args.batch / max(rate, 1e-9)
+            record = {"iteration": done, "loss": values[0].item(), **{n: values[k + 1].item() for k, n in enumerate(names)},
+                      "lr": lr, "images_per_s": rate, "eta_s": eta, "peak_memory_mb": peak_memory_mb(device)}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log(f"it {done}/{args.iterations}  loss {record['loss']:.4f}  "
+                + "  ".join(f"{n} {record[n]:.4f}" for n in names)
+                + f"  lr {lr:.2e}  {rate:.1f} img/s  eta {eta / 60:.1f} min  peak {record['peak_memory_mb']:.0f} MB")
+            seen, step_time = 0, time.time()
+        final = done == args.iterations
+        metrics, is_best = None, False
+        if final or (args.val_every and done % args.val_every == 0):
+            metrics, is_best = validation(done)
+            if world > 1:
+                dist.barrier()
+            net.train()
+        if final or is_best or done % args.ckpt_every == 0 or done == end:
+            obj = checkpoint(done, metrics)
+            if is_main and is_best:
+                save_checkpoint(out / "best.pt", obj)
+    if is_main and end < args.iterations:
+        log(f"stopped after iteration {end} (--stop-after); continue with --resume {out / 'ckpt.pt'}")
+    elif is_main:
+        log(f"done in {(time.time() - t0) / 60:.1f} min. checkpoint {out / 'ckpt.pt'} (best: {out / 'best.pt'}), "
+            f"log {log_path}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -135,7 +135,8 @@ def parse_args(argv=None):
     g.add_argument("--flow-lr-mult", type=float, default=0.1,
                    help="lr multiplier of EFC's flow decoder (see the README: at the full lr, SGD moves an untrained "
                         "decoder's flow by hundreds of pixels in one step)")
-    g.add_argument("--clip-grad", type=float, default=10.0, help="clip the gradient norm (0: off)")
+    g.add_argument("--clip-grad", type=float,
+                   help="clip the gradient norm (0: off); default 10 for efc and flow (their flow decoder), else off")
     g.add_argument("--cons-weight", type=float, default=losses.EFC_WEIGHTS["cons"], help="EFC lambda_cons")
     g.add_argument("--occ-weight", type=float, default=losses.EFC_WEIGHTS["occ"], help="EFC lambda_occ")
     g.add_argument("--sm-weight", type=float, default=losses.EFC_WEIGHTS["sm"], help="EFC lambda_sm")
@@ -164,6 +165,8 @@ def parse_args(argv=None):
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.clip_grad is None:
+        args.clip_grad = 10.0 if args.method in ("efc", "flow") else 0.0
     if args.ablation:
         method = ABLATIONS[args.ablation][0]
         if method != args.method:
@@ -631,7 +634,7 @@ def main(argv=None):
                 + f"  lr {lr:.2e}  {rate:.1f} img/s  eta {eta / 60:.1f} min  peak {record['peak_memory_mb']:.0f} MB")
             seen, step_time = 0, time.time()
         final = done == args.iterations
-        metrics, is_best = None, False
+        metrics, is_best, paused = None, False, time.time()
         if final or (args.val_every and done % args.val_every == 0):
             metrics, is_best = validation(done)
             if world > 1:
@@ -641,6 +644,7 @@ def main(argv=None):
             obj = checkpoint(done, metrics)
             if is_main and is_best:
                 save_checkpoint(out / "best.pt", obj)
+        step_time += time.time() - paused  # images/s and ETA count training time only
     if is_main and end < args.iterations:
         log(f"stopped after iteration {end} (--stop-after); continue with --resume {out / 'ckpt.pt'}")
     elif is_main:

@@ -148,3 +148,22 @@ def test_command_line_errors(world, tmp_path, capsys):
         train.main(tiny(world, tmp_path / "efc", "efc", "--iterations", "2", "--resume", str(tmp_path / "psp" / "ckpt.pt")))
     with pytest.raises(SystemExit, match="checkpoint not found"):
         train.main(tiny(world, tmp_path / "x", "efc", "--resume", str(tmp_path / "missing.pt")))
+
+
+def test_flow2seg_trains_on_flows_computed_by_a_trained_flow_branch(world, tmp_path):
+    # The two papers composed: EFC's unsupervised flow (--method flow) feeds Flow2Seg (--flow-from).
+    torch.set_num_threads(1)
+    train.main(tiny(world, tmp_path / "flow", "flow", "--iterations", "2"))
+    train.main(tiny(world, tmp_path / "f2s", "flow2seg", "--iterations", "2", "--flow-from",
+                    str(tmp_path / "flow" / "ckpt.pt")))
+    flows = sorted((tmp_path / "f2s" / "flows").rglob("*.flo"))
+    assert len(flows) == 3  # the labelled frames of 2 train + 1 val snippets
+    assert data.read_flo(flows[0]).shape == (48, 64, 2)
+    ckpt = torch.load(tmp_path / "f2s" / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["flow_dir"] == str(tmp_path / "f2s" / "flows")
+
+
+def test_bf16_autocast_run_on_cpu(world, tmp_path):
+    torch.set_num_threads(1)
+    train.main(tiny(world, tmp_path, "efc", "--iterations", "2", "--amp"))
+    assert all(torch.isfinite(torch.tensor(losses_logged(tmp_path))))

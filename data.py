@@ -376,6 +376,11 @@ def _to_tensor(image):
     return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
 
 
+def image_tensor(path):
+    """An 8-bit RGB image file -> (3, H, W) float32 RGB in [0, 1] (before `normalize`)."""
+    return _to_tensor(read_image(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # Cityscapes: (name, id, trainId, category, colour) for every label, copied from cityscapesScripts'
 # helpers/labels.py. Pixels of ids whose trainId is 255 are ignored in training and evaluation.
@@ -953,6 +958,8 @@ def sample_pairs(num_frames, labelled, count, max_gap, rng, with_label_count=Non
     without = [p for p in pairs if labelled not in (p[0], p[0] + p[1])] or with_label
 
     def draw(candidates, k):
+        if k == 0:
+            return []
         order = np.concatenate([rng.permutation(len(candidates)) for _ in range(-(-k // len(candidates)))])
         return [candidates[j] for j in order[:k]]
 

@@ -791,7 +791,7 @@ def run_frames(model, method, frames, out, device, palette, inference=None, flow
     previous_image = previous_prediction = None
     size = None
     for t, frame in enumerate(frames):
-        rgb = torch.from_numpy(data.read_image(frame)).permute(2, 0, 1).float() / 255  # (3, H, W) in [0, 1]
+        rgb = data.image_tensor(frame)  # (3, H, W) in [0, 1]
         image = data.normalize(rgb[None]).to(device)  # (1, 3, H, W)
         if size is None:
             size = image.shape[-2:]

@@ -171,6 +171,8 @@ def parse_args(argv=None):
         method = ABLATIONS[args.ablation][0]
         if method != args.method:
             p.error(f"--ablation {args.ablation} is an EFC row for --method {method}, not {args.method}")
+        if args.ablation == "tcc-fix" and not (args.init or args.resume):
+            p.error("--ablation tcc-fix keeps the flow branch fixed: give --init with a trained flow/efc checkpoint")
     if args.data_root is None:
         if args.dataset != "synthetic":
             p.error(f"--dataset {args.dataset} needs --data-root (the folder holding the dataset)")
@@ -239,10 +241,6 @@ class GlobalBatches:
             position += self.global_batch
 
 
-def dataset_kwargs(args):
-    return {"num_classes": None} if args.dataset in ("synthetic", "cityscapes") else {}
-
-
 def training_dataset(args):
     """The training set of a method and dataset, with the joint augmentation (data.JointTransform)."""
     transform = data.JointTransform(crop=args.crop, train=not args.no_augment)
@@ -269,14 +267,6 @@ def training_dataset(args):
                                 seed=args.seed, labelled_pairs=labelled)
 
 
-def num_classes_of(args):
-    if args.dataset == "camvid":
-        return len(data.CAMVID_CLASSES)
-    if args.dataset == "kitti":
-        return len(data.CITYSCAPES_CLASSES)  # the flow branch's EFCNet keeps a Cityscapes-sized head
-    return len(data._dataset_classes(args.data_root))
-
-
 @torch.no_grad()
 def fill_flow_dir(checkpoint, root, out_dir, device):
     """Flow2Seg's input from EFC's flow: F_t->t-1 of every labelled frame (train and val), computed once
@@ -287,9 +277,8 @@ def fill_flow_dir(checkpoint, root, out_dir, device):
     for split in ("train", "val"):
         frames = data.labelled_frames_with_previous(root, split)
         for k, (image, previous) in enumerate(frames):
-            a = data.normalize(torch.from_numpy(data.read_image(image)).permute(2, 0, 1)[None].float().div(255))
-            b = data.normalize(torch.from_numpy(data.read_image(previous)).permute(2, 0, 1)[None].float().div(255))
-            flow = evaluate.predict_flow(net, a.to(device), b.to(device))  # (1, 2, H, W) F_t->t-1
+            a, b = (data.normalize(data.image_tensor(path)[None]).to(device) for path in (image, previous))
+            flow = evaluate.predict_flow(net, a, b)  # (1, 2, H, W) F_t->t-1
             target = data.flow_path(out_dir, split, image)
             target.parent.mkdir(parents=True, exist_ok=True)
             data.write_flo(target, flow[0].permute(1, 2, 0).cpu().numpy())
@@ -328,11 +317,27 @@ def initialise(net, args, log):
         log(f"--init {path}: loaded {len(state)} of {len(own)} tensors from a {source} checkpoint")
 
 
-def parameter_groups(net, args):
-    """Trainable parameters, EFC's flow decoder at lr * flow_lr_mult (see --flow-lr-mult)."""
+def frozen_prefixes(args):
+    """--freeze, plus what a stage or ablation freezes: Flow2Seg's image path and fusion while its flow
+    path trains alone; EFC's flow decoder for Table 1's TCC_fix (a fixed, pre-trained flow)."""
     frozen = [p.strip() for p in args.freeze.split(",") if p.strip()]
     if args.method == "flow2seg" and args.flow2seg_stage == "flow-path":
         frozen += ["image", "fusion"]
+    if args.ablation == "tcc-fix":
+        frozen += ["flow"]
+    return frozen
+
+
+def train_mode(net, args):
+    """Training mode, except frozen parts, whose BatchNorm statistics must not move either."""
+    net.train()
+    for prefix in frozen_prefixes(args):
+        net.get_submodule(prefix).eval()
+
+
+def parameter_groups(net, args):
+    """Trainable parameters, EFC's flow decoder at lr * flow_lr_mult (see --flow-lr-mult)."""
+    frozen = frozen_prefixes(args)
     main, flow = [], []
     for name, param in net.named_parameters():
         if any(name == f or name.startswith(f + ".") for f in frozen):
@@ -510,7 +515,8 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
     train_set = training_dataset(args)
-    args.num_classes = num_classes_of(args)
+    # KITTI has no labels: the flow branch's EFCNet keeps a Cityscapes-sized (19-class) head.
+    args.num_classes = getattr(train_set, "num_classes", len(data.CITYSCAPES_CLASSES))
 
     # Model.
     resume = read_checkpoint(args.resume) if args.resume else None
@@ -587,7 +593,8 @@ def main(argv=None):
         return metrics, False
 
     # Train.
-    net.train()
+    net.train()  # the DDP wrapper too
+    train_mode(bare, args)
     iterator = iter(loader)
     log_path = out / "log.jsonl"
     t0, seen, step_time = time.time(), 0, time.time()
@@ -640,6 +647,7 @@ def main(argv=None):
             if world > 1:
                 dist.barrier()
             net.train()
+            train_mode(bare, args)
         if final or is_best or done % args.ckpt_every == 0 or done == end:
             obj = checkpoint(done, metrics)
             if is_main and is_best:

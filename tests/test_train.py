@@ -167,3 +167,28 @@ def test_bf16_autocast_run_on_cpu(world, tmp_path):
     torch.set_num_threads(1)
     train.main(tiny(world, tmp_path, "efc", "--iterations", "2", "--amp"))
     assert all(torch.isfinite(torch.tensor(losses_logged(tmp_path))))
+
+
+def test_frozen_parts_stay_exactly_as_initialised(world, tmp_path, capsys):
+    # EFC Table 1 "TCC_fix": a trained flow branch, fixed; Flow2Seg's flow-path stage: the image path
+    # and the fusion fixed. Parameters and BatchNorm statistics of frozen parts must not move.
+    torch.set_num_threads(1)
+    with pytest.raises(SystemExit):
+        train.main(tiny(world, tmp_path / "x", "efc", "--ablation", "tcc-fix"))
+    assert "give --init" in capsys.readouterr().err
+    train.main(tiny(world, tmp_path / "flow", "flow", "--iterations", "1"))
+    train.main(tiny(world, tmp_path / "fix", "efc", "--iterations", "2", "--ablation", "tcc-fix",
+                    "--init", str(tmp_path / "flow" / "ckpt.pt")))
+    before = torch.load(tmp_path / "flow" / "ckpt.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "fix" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("flow."))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("seg.backbone."))
+
+    train.main(tiny(world, tmp_path / "f2s", "flow2seg", "--iterations", "1"))
+    train.main(tiny(world, tmp_path / "path", "flow2seg", "--iterations", "2", "--flow2seg-stage", "flow-path",
+                    "--init", str(tmp_path / "f2s" / "ckpt.pt")))
+    before = torch.load(tmp_path / "f2s" / "ckpt.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "path" / "ckpt.pt", weights_only=True)["model"]
+    frozen = [k for k in before if k.startswith(("image.", "fusion."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # running stats included
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("flow_backbone."))

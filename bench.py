@@ -10,13 +10,14 @@ with the machine they came from, as JSON. Parts (all by default; `--parts` picks
              backbone, counted by torch.utils.flop_counter on the meta device (exact, no memory), the
              ratios to PSPNet of the same backbone, and Flow2Seg's extra FLOPs per module.
   inference  the same networks at --size: ms per image (median of --repeats runs after --warmup),
-             images/s, peak memory, time ratios to PSPNet. The networks run in turn (round robin),
-             so a slow drift of the machine affects them alike.
+             images/s, peak memory, time ratios to PSPNet. The networks run in turn (round robin)
+             and a ratio is the median of the ratios within a round, so that a drift of the
+             machine cancels.
   training   one step of train.py (train.compute_loss, train.parameter_groups, train.make_optimizer;
              forward, loss, backward, gradient clipping where train.py clips, optimiser) for psp,
-             flow2seg, efc and flow, in turn as well: ms/step, images/s (pairs for efc and flow, as
-             train.py logs), peak memory, GFLOPs per step and the achieved rate against the matmul
-             peak, and the share of the step in each region (see `region_shares`).
+             flow2seg, efc and flow, in turn as well (ratios likewise): ms/step, images/s (pairs for
+             efc and flow, as train.py logs), peak memory, GFLOPs per step and the achieved rate
+             against the matmul peak, and the share of the step in each region (see `region_shares`).
   micro      warp.correlation and warp.backward_warp, forward + backward, against reference_correlation
              (the per-displacement loop below) and F.grid_sample (the independent implementation that
              tests/test_warp.py checks backward_warp against).
@@ -170,6 +171,12 @@ def timed(fn, device):
     return result, time.perf_counter() - t0
 
 
+def round_ratio(seconds, base_seconds):
+    """Time ratio of two things timed in turn: the median over rounds of the ratio within a round, so
+    that a drift of the machine between rounds cancels."""
+    return statistics.median(t / b for t, b in zip(seconds, base_seconds))
+
+
 def count_flops(fn):
     """FLOPs of fn() (forward and, if fn runs it, backward) as torch.utils.flop_counter counts them:
     2 per multiply-add of convolutions and matmuls; elementwise ops, pooling, interpolation and
@@ -284,14 +291,13 @@ def inference_rows(args, device):
         for entry in runs.values():  # memory last: on the CPU, peak_memory hands freed memory back to the system
             entry["peak"] = peak_memory(lambda: run(entry), device, entry["net"].parameters(), entry["net"].buffers(),
                                         entry["inputs"])
-        base = None
+        base = list(runs.values())[0]["seconds"]
         for name, entry in runs.items():
             seconds = statistics.median(entry["seconds"])
-            base = seconds if base is None else base
             n = args.infer_batch
             rows.append({"network": name, "backbone": backbone, "size": list(args.size), "batch": n,
                          "gflops_per_image": entry["flops"] / n / 1e9, "ms_per_image": 1000 * seconds / n,
-                         "images_per_s": n / seconds, "vs_pspnet_time": seconds / base,
+                         "images_per_s": n / seconds, "vs_pspnet_time": round_ratio(entry["seconds"], base),
                          "peak_mb": None if entry["peak"] is None else entry["peak"] / 2 ** 20,
                          "runs": args.repeats, "ms_runs": [1000 * t / n for t in entry["seconds"]],
                          "other_load": others})
@@ -493,14 +499,14 @@ def training_rows(args, device, peak):
             s["shares"] = step_shares(s, device)
         for s in setups:
             s["peak"] = step_peak_memory(s, device)
-        base = statistics.median(setups[0]["seconds"])
+        base = setups[0]["seconds"]
         for s in setups:
             median = statistics.median(s["seconds"])
             rows.append({"method": s["method"], "backbone": backbone, "crop": s["crop"], "batch": s["batch"],
                          "gflops_per_step": s["flops"] / 1e9, "ms_per_step": 1000 * median,
                          "images_per_s": s["batch"] / median, "achieved_tflops": s["flops"] / median / 1e12,
                          "share_of_matmul_peak": s["flops"] / median / peak,
-                         "vs_psp_time": median / base if s["crop"] == setups[0]["crop"] else None,
+                         "vs_psp_time": round_ratio(s["seconds"], base) if s["crop"] == setups[0]["crop"] else None,
                          "peak_mb": None if s["peak"] is None else s["peak"] / 2 ** 20, "runs": args.repeats,
                          "ms_runs": [1000 * t for t in s["seconds"]], "other_load": others, "shares": s["shares"]})
         del setups
@@ -762,7 +768,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, help="timed runs of each network and training step (cuda 20; cpu 5); the "
                                                "median is reported")
     p.add_argument("--layer-repeats", type=int, help="timed runs of the layers (cuda 20; cpu 3)")
-    p.add_argument("--warmup", type=int, help="untimed runs first (cuda 5; cpu 1, and none for the layers); the first "
+    p.add_argument("--warmup", type=int, help="untimed runs first (cuda 5; cpu 2, and none for the layers); the first "
                                               "of a network counts its FLOPs, so networks have at least one")
     p.add_argument("--reference-repeats", type=int, help="timed runs of the correlation reference (cuda: "
                                                          "--layer-repeats; cpu 1: minutes at EFC's sizes)")
@@ -779,7 +785,7 @@ def parse_args(argv=None):
     args.device = "cuda" if cuda else "cpu"
     defaults = {"size": [1024, 2048] if cuda else [256, 512], "crop": None if cuda else [192, 192],
                 "backbones": ["resnet50", "resnet101"] if cuda else ["resnet101"], "repeats": 20 if cuda else 5,
-                "layer_repeats": 20 if cuda else 3, "warmup": 5 if cuda else 1, "matmul_size": 8192 if cuda else 2048}
+                "layer_repeats": 20 if cuda else 3, "warmup": 5 if cuda else 2, "matmul_size": 8192 if cuda else 2048}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

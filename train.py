@@ -268,21 +268,23 @@ def training_dataset(args):
 
 
 @torch.no_grad()
-def fill_flow_dir(checkpoint, root, out_dir, device):
+def fill_flow_dir(checkpoint, root, out_dir, device, frames=None):
     """Flow2Seg's input from EFC's flow: F_t->t-1 of every labelled frame (train and val), computed once
-    by a trained efc/flow network and written as .flo files named as data.flow_path expects."""
+    by a trained efc/flow network and written as .flo files named as data.flow_path expects.
+    `frames` ({split: [(frame, previous frame)] image paths}) replaces the labelled frames."""
     net, ckpt = evaluate.load_checkpoint(checkpoint, device)
     if ckpt["method"] not in ("efc", "flow"):
         raise SystemExit(f"--flow-from {checkpoint}: a {ckpt['method']} checkpoint has no flow branch (need efc or flow)")
-    for split in ("train", "val"):
-        frames = data.labelled_frames_with_previous(root, split)
-        for k, (image, previous) in enumerate(frames):
+    if frames is None:
+        frames = {split: data.labelled_frames_with_previous(root, split) for split in ("train", "val")}
+    for split, pairs in frames.items():
+        for k, (image, previous) in enumerate(pairs):
             a, b = (data.normalize(data.image_tensor(path)[None]).to(device) for path in (image, previous))
             flow = evaluate.predict_flow(net, a, b)  # (1, 2, H, W) F_t->t-1
             target = data.flow_path(out_dir, split, image)
             target.parent.mkdir(parents=True, exist_ok=True)
             data.write_flo(target, flow[0].permute(1, 2, 0).cpu().numpy())
-            print(f"\rflows from {checkpoint}: {split} {k + 1}/{len(frames)}", end="", flush=True)
+            print(f"\rflows from {checkpoint}: {split} {k + 1}/{len(pairs)}", end="", flush=True)
     print()
 
 

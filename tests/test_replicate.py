@@ -1,0 +1,135 @@
+"""replicate.py: the variant plan, the commands it hands train.py, the evaluation pairs, the table
+arithmetic, the README update, one real (cached) run, and a slow smoke run of a whole table."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import replicate
+import train
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return data.make_synthetic_world(tmp_path_factory.mktemp("replicate") / "world", num_train=2, num_val=2,
+                                     size=(64, 128), workers=1)
+
+
+def test_every_table_runs_dependencies_first_and_once():
+    order = replicate.needed_variants(list(replicate.TABLES))
+    assert len(order) == len(set(order)) == len(replicate.VARIANTS)
+    for name in order:
+        dependency = replicate.VARIANTS[name][2]
+        if dependency:
+            assert order.index(dependency) < order.index(name)
+    assert replicate.needed_variants(["flow2seg-table3"]) == ["psp", "flow2seg-gt", "full", "flow2seg-efc",
+                                                             "flow2seg-r50"]
+    assert "zero" not in replicate.needed_variants(["efc-table2"])
+
+
+@pytest.mark.parametrize("name", sorted(replicate.VARIANTS))
+def test_commands_are_valid_train_py_commands_with_the_shared_budget(name):
+    settings = replicate.SETTINGS
+    argv = replicate.train_command(name, 2, settings, "out/x", "runs/r", "world", None)
+    args = train.parse_args(argv)
+    method, _, dependency, own = replicate.VARIANTS[name]
+    assert args.method == method and args.seed == 2 and args.out == "out/x"
+    for key in ("iterations", "batch", "crop", "optimizer", "lr", "flow_lr_mult", "max_displacement",
+                "corr_stride", "backbone"):
+        assert getattr(args, key) == settings[key], key
+    assert args.flow_backbone == own.get("flow_backbone", settings["flow_backbone"])
+    assert argv.count("--flow-backbone") == 1
+    if name == "tcc-fix":
+        assert args.init == ["runs/r/ul-oe/seed2/ckpt.pt"] and args.ablation == "tcc-fix"
+    if name == "flow2seg-efc":
+        assert args.flow_from == "runs/r/full/seed2/ckpt.pt"
+    if name in train.ABLATIONS:
+        assert args.ablation == name
+
+
+def test_eval_pairs_window_paths_and_zero_flow(world):
+    pairs = replicate.EvalPairs(world, [16, 22])
+    assert len(pairs) == 2 * 6
+    items = [pairs[k] for k in range(len(pairs))]
+    assert [(int(it["snippet"]), int(it["i"])) for it in items] == [(s, i) for s in (0, 1) for i in range(16, 22)]
+    assert len(replicate.EvalPairs(world, [16, 22], snippets=1)) == 6
+    paths = pairs.frame_paths()
+    assert all(b.is_file() and a.is_file() for b, a in paths)
+    seq = data.SyntheticSequence(world, "val")
+    assert paths[0] == (seq.root / "leftImg8bit_sequence" / f"{seq.snippets[0][17]}_leftImg8bit.png",
+                        seq.root / "leftImg8bit_sequence" / f"{seq.snippets[0][16]}_leftImg8bit.png")
+    # The zero flow's EPE is the mean length (float32 norms here: rel 1e-6) of the ground truth over the counted pixels.
+    zero = replicate.zero_flow_metrics(pairs)
+    lengths = [it["flow_fw"].norm(dim=0)[it["flow_fw_valid"]] for it in items]
+    assert zero["epe_all"] == pytest.approx(torch.cat(lengths).double().mean().item(), rel=1e-6)
+    noc = [it["flow_fw"].norm(dim=0)[it["flow_fw_valid"] & ~it["occ_fw"]] for it in items]
+    assert zero["epe_noc"] == pytest.approx(torch.cat(noc).double().mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="eval window"):
+        replicate.EvalPairs(world, [20, 30])
+
+
+def test_table_means_std_and_markdown():
+    seeds = [0, 1]
+    settings = dict(replicate.SETTINGS)
+    results = {}
+    for k, name in enumerate(["psp", "tcc-fix", "tcc-single", "tcc-single-om", "tcc-multi-om", "full"]):
+        for seed in seeds:
+            miou = 0.40 + 0.01 * k + 0.02 * seed  # seeds 0.40 / 0.42 -> mean 41.0, std 1.4
+            tc = float("nan") if name == "full" and seed == 1 else 0.9  # NaN seeds are left out
+            results[(name, seed)] = {"metrics": {"miou": miou, "temporal_consistency": tc}, "command": f"cmd {name}"}
+    zero = {"pairs": 12}
+    report, markdown = replicate.table_report("efc-table1", results, zero, settings, seeds)
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert rows["psp"]["stats"]["miou"]["mean"] == pytest.approx(0.41)
+    assert rows["psp"]["stats"]["miou"]["std"] == pytest.approx(math.sqrt(2) * 0.01)
+    assert rows["full"]["stats"]["temporal_consistency"] == {"mean": pytest.approx(0.9), "std": None}
+    assert "| PSPNet | 41.0 ± 1.4 | 90.0 ± 0.0 | 76.20 |" in markdown
+    assert "| + TCC_multi + OM + UD (EFC) | 46.0 ± 1.4 | 90.0 | 78.44 |" in markdown
+    assert "2 seeds (0, 1)" in markdown and "12 validation pairs" in markdown
+    assert replicate.format_value(None, None, "pct") == "-"
+    assert replicate.format_value(1.23456, None, "px") == "1.235"
+
+
+def test_readme_update_replaces_only_the_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- replicate:efc-table2 -->\nold\n<!-- /replicate:efc-table2 -->\nbottom\n")
+    replicate.update_readme(readme, "efc-table2", "new table\n")
+    assert readme.read_text() == "top\n<!-- replicate:efc-table2 -->\nnew table\n<!-- /replicate:efc-table2 -->\nbottom\n"
+    with pytest.raises(SystemExit, match="markers"):
+        replicate.update_readme(readme, "efc-table1", "x\n")
+
+
+def test_one_run_trains_evaluates_and_is_cached(world, tmp_path, monkeypatch):
+    settings = {**replicate.QUICK, "iterations": 2, "crop": [64, 64], "workers": 0, "eval_snippets": 1}
+    paths = {"results": tmp_path / "results", "runs": tmp_path / "runs", "data": world}
+    result = replicate.run_variant("psp", 0, settings, paths, "cpu", print)
+    metrics = result["metrics"]
+    assert metrics["pairs"] == 6 and 0 <= metrics["miou"] <= 1 and 0 <= metrics["temporal_consistency"] <= 1
+    assert len(metrics["iou"]) == 9 and "iou_car_moving" in metrics
+    saved = json.loads((tmp_path / "results" / "runs" / "psp" / "seed0.json").read_text())
+    assert saved["settings"] == settings and saved["command"].startswith("python train.py --method psp")
+    # Cached: train.py is not started again; with other settings it is.
+    calls = []
+    monkeypatch.setattr(replicate.subprocess, "call", lambda argv, **kw: calls.append(argv) or 1)
+    assert replicate.run_variant("psp", 0, settings, paths, "cpu", print)["metrics"] == metrics
+    assert calls == []
+    with pytest.raises(SystemExit, match="train.py exited with 1"):
+        replicate.run_variant("psp", 0, {**settings, "iterations": 3}, paths, "cpu", print)
+    assert len(calls) == 1 and calls[0][calls[0].index("--iterations") + 1] == "3"
+    assert "--resume" not in calls[0]  # the old run's checkpoint had other settings: started afresh
+
+
+@pytest.mark.slow
+def test_quick_smoke_run_of_a_table_has_every_variant(world, tmp_path):
+    replicate.main(["flow2seg-table3", "--quick", "--seeds", "1", "--iterations", "2", "--crop", "64", "64",
+                    "--data-root", str(world), "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
+    report = json.loads((tmp_path / "results" / "flow2seg-table3.json").read_text())
+    assert [row["variant"] for row in report["rows"]] == ["psp", "flow2seg-gt", "flow2seg-efc", "flow2seg-r50"]
+    for row in report["rows"]:
+        assert np.isfinite(row["stats"]["miou"]["mean"])
+    for row in report["rows"][1:]:
+        assert np.isfinite(row["stats"]["miou_flow_path"]["mean"])
+    assert (tmp_path / "results" / "flow2seg-table3.md").read_text().count("\n|") >= 5

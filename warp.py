@@ -193,7 +193,7 @@ def fb_occlusion(flow_fw, flow_bw, alpha1=0.01, alpha2=0.5):
         return occluded.to(bw_warped.dtype)
 
 
-def correlation(f1, f2, max_displacement=20, stride=2, normalize=True):
+def correlation(f1, f2, max_displacement=20, stride=2, normalize=True, tile=64):
     """FlowNetC correlation with kernel size 1 (Dosovitskiy et al. 2015; Ilg et al. 2017).
 
         out[:, k, y, x] = mean_c f1[:, c, y, x] * f2[:, c, y + dy, x + dx]
@@ -205,18 +205,18 @@ def correlation(f1, f2, max_displacement=20, stride=2, normalize=True):
     output's scale independent of the channel count; some reimplementations drop it, so it is a flag).
     The displacements are in pixels of the feature map: at stride 8 that is +-160 image pixels.
 
-    How: for one vertical offset dy, the dot products of row y of f1 with row y + dy of f2 at
-    *all* horizontal pairs form a (W x W) matrix M = f1_row^T f2_row, one batched matmul over all
-    (B, H) rows; the wanted horizontal offsets are the diagonals M[x, x + dx] of that matrix, read
-    out with one gather. D matmuls in total, no per-displacement loop over D^2 and no tensor of
-    size (B, D^2, C, H, W) (the unfold approach).
-    Cost: time O(B * D * H * W * (W + 2d) * C) multiply-adds, run as dense matmuls (so it also uses
-    tensor cores under autocast); memory: the output (B, D^2, H, W), two transposed copies of the
-    inputs (B, H, W, C) (the only tensors kept for backward), and one (B, H, W, W + 2d) matrix at a
-    time.
-    The matmul computes W + 2d pairs per pixel to use D of them; for feature maps of width
-    around 100 that costs less than the elementwise alternative, which reads the whole
-    (B, C, H, W) input D^2 times.
+    How: dense matmuls, no per-displacement loop over D^2 and no (B, D^2, C, H, W) tensor (the
+    unfold approach). For one vertical offset dy, the dot products of `tile` consecutive pixels
+    of a row of f1 with the tile + D - 1 pixels of row y + dy of f2 that their horizontal offsets
+    reach form a (tile x (tile + D - 1)) matrix, one batched matmul for all tiles of all rows; the
+    wanted offsets are its diagonals M[t, t + j], read out with one gather. With a stride s > 1,
+    pixel x only meets f2 columns of its own residue x mod s, so the columns are split into s
+    interleaved sets first, in which the D offsets are consecutive. Cost: D matmuls computing
+    tile + D - 1 products per pixel to use D of them: at EFC's 90x90 maps (d = 20, s = 2) a residue
+    row is 45 pixels, one tile, 65 products per pixel (a whole row without the split would be
+    W + 2d = 130). Narrower tiles waste less but make matmuls too small to run fast on a CPU
+    (tile 16: slower at 90x90, measured). Memory: the output, the inputs rearranged once (f2 with
+    its tile overlaps), one matrix per offset dy. The backward is written out (_TiledCorrelation).
     """
     if f1.shape != f2.shape or f1.dim() != 4:
         raise ValueError(f"correlation: f1 {tuple(f1.shape)} and f2 {tuple(f2.shape)} must be equal (B, C, H, W)")
@@ -225,18 +225,63 @@ def correlation(f1, f2, max_displacement=20, stride=2, normalize=True):
     B, C, H, W = f1.shape
     d, s = max_displacement, stride
     D = 2 * (d // s) + 1
-    # Both made contiguous once, so that every slice below is a stack of dense matrices.
-    rows1 = f1.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C): row y of f1, pixel by pixel
-    rows2 = F.pad(f2, (d, d, d, d)).permute(0, 2, 1, 3).contiguous()  # (B, H + 2d, C, W + 2d), zero border
-    # Column index into a row of M padded by d on both sides: entry (x, j) is horizontal offset
-    # dx_j = -d + j * s, i.e. padded column x + d + dx_j = x + j * s.
-    cols = (torch.arange(W, device=f1.device).view(W, 1) + s * torch.arange(D, device=f1.device).view(1, D))
-    cols = cols.view(1, 1, W, D).expand(B, H, W, D)
-    out = []
-    for iy in range(D):
-        y_start = iy * s  # row y + dy of f2 is row y + dy + d = y + iy * s of the padded f2
-        M = torch.matmul(rows1, rows2[:, y_start:y_start + H])  # (B, H, W, W + 2d)
-        out.append(M.gather(3, cols))  # (B, H, W, D): the D horizontal offsets of this dy
-    out = torch.stack(out, dim=3)  # (B, H, W, D_y, D_x)
-    out = out.reshape(B, H, W, D * D).permute(0, 3, 1, 2)  # (B, D^2, H, W), k = iy * D + ix
+    # Column x = m * s + p of f1 (p = x mod s) meets padded f2 column x + d + dx = (m + j) * s + p for
+    # dx = -d + j * s, j = 0..D-1: in the set of columns of residue p, offsets are consecutive.
+    T = max(1, min(tile, -(-W // s)))  # pixels per tile (no wider than a row)
+    n = -(-W // (s * T))  # tiles per row and residue
+    width = n * T  # columns m per residue, the last tile padded
+    f1 = F.pad(f1, (0, s * width - W))  # (B, C, H, s * width)
+    f2 = F.pad(f2, (d, s * (width + D - 1) - d - W, d, d))  # (B, C, H + 2d, s * (width + D - 1)), zero border
+    # (B, H, s, n, T, C): tile rows of f1, one per residue and tile
+    rows1 = f1.reshape(B, C, H, n, T, s).permute(0, 2, 5, 3, 4, 1).contiguous()
+    # (B, H + 2d, s, n, C, T + D - 1): the f2 columns each tile reaches (overlapping windows, copied once)
+    rows2 = f2.reshape(B, C, H + 2 * d, width + D - 1, s).permute(0, 2, 4, 1, 3)
+    rows2 = rows2.unfold(4, T + D - 1, T).permute(0, 1, 2, 4, 3, 5).contiguous()
+    out = _TiledCorrelation.apply(rows1, rows2, D, s)  # (B, H, s, D_y, n, T, D_x)
+    out = out.permute(0, 3, 6, 1, 4, 5, 2).reshape(B, D * D, H, width * s)[..., :W]  # k = iy * D + ix, x = m s + p
     return out / C if normalize else out
+
+
+class _TiledCorrelation(torch.autograd.Function):
+    """The matmuls of `correlation` on its rearranged inputs, with a hand-written backward.
+
+    rows1 (B, H, s, n, T, C), rows2 (B, H + 2d, s, n, C, T + D - 1) -> (B, H, s, D, n, T, D).
+    Autograd through the loop would give every offset dy its own zero-filled gradient of all of
+    rows2 (the backward of a slice); here the D offsets accumulate into one buffer in place: for
+    each dy the output gradient is put on the diagonals of a (T x (T + D - 1)) band G and
+    grad rows1 += G rows2_dy^T, grad rows2_dy += rows1^T G. Under autocast the matmuls run in the
+    autocast dtype, as torch.matmul would.
+    """
+
+    @staticmethod
+    def forward(ctx, rows1, rows2, D, s):
+        device = rows1.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else \
+            torch.promote_types(rows1.dtype, rows2.dtype)
+        ctx.dtypes = rows1.dtype, rows2.dtype
+        rows1, rows2 = rows1.to(dtype), rows2.to(dtype)
+        B, H, _, n, T, _ = rows1.shape
+        diagonals = (torch.arange(T, device=rows1.device).view(T, 1) + torch.arange(D, device=rows1.device).view(1, D))
+        diagonals = diagonals.expand(B, H, s, n, T, D)
+        out = rows1.new_empty(B, H, s, D, n, T, D)
+        for iy in range(D):  # row y + dy of f2 is row y + iy * s of the padded f2
+            M = torch.matmul(rows1, rows2[:, iy * s:iy * s + H])  # (B, H, s, n, T, T + D - 1)
+            torch.gather(M, 5, diagonals, out=out[:, :, :, iy])  # the D horizontal offsets of this dy
+        ctx.save_for_backward(rows1, rows2, diagonals)
+        ctx.s = s
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows1, rows2, diagonals = ctx.saved_tensors
+        s, D, H = ctx.s, diagonals.shape[-1], rows1.shape[1]
+        grad = grad.to(rows1.dtype)
+        grad1, grad2 = torch.zeros_like(rows1), torch.zeros_like(rows2)
+        band = rows1.new_zeros(*rows1.shape[:5], rows2.shape[-1])  # (B, H, s, n, T, T + D - 1)
+        for iy in range(D):
+            band.scatter_(5, diagonals, grad[:, :, :, iy])  # only the diagonals are ever written
+            rows2_dy = rows2[:, iy * s:iy * s + H]
+            grad1.add_(torch.matmul(band, rows2_dy.transpose(-1, -2)))
+            grad2[:, iy * s:iy * s + H].add_(torch.matmul(rows1.transpose(-1, -2), band))
+        return grad1.to(ctx.dtypes[0]), grad2.to(ctx.dtypes[1]), None, None

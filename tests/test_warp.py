@@ -312,3 +312,30 @@ def test_warp_agrees_with_grid_sample_inside_the_image():
     reference = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     assert valid.mean() > 0.5
     assert torch.allclose(ours, reference * valid, atol=1e-5)
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3, 5, 64])
+def test_correlation_tiles_give_the_same_result(tile):
+    # Tiles of any width (one pixel, several per row with a padded last one, wider than a row) tile
+    # the row exactly: the result is the definition's.
+    torch.manual_seed(tile)
+    f1 = torch.randn(2, 3, 4, 13, dtype=torch.float64)
+    f2 = torch.randn(2, 3, 4, 13, dtype=torch.float64)
+    for d, s in ((4, 2), (3, 1), (6, 3)):
+        assert torch.allclose(correlation(f1, f2, d, s, tile=tile), naive_correlation(f1, f2, d, s), atol=1e-12)
+
+
+def test_correlation_under_bf16_autocast_matches_float32():
+    torch.manual_seed(5)
+    f1 = torch.randn(2, 8, 6, 10, requires_grad=True)
+    f2 = torch.randn(2, 8, 6, 10, requires_grad=True)
+    reference = correlation(f1, f2, 4, 2)
+    g1, g2 = torch.autograd.grad(reference.square().sum(), (f1, f2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = correlation(f1, f2, 4, 2)
+    assert out.dtype == torch.bfloat16  # the matmuls ran in the autocast dtype, as torch.matmul would
+    h1, h2 = torch.autograd.grad(out.float().square().sum(), (f1, f2))
+    assert h1.dtype == h2.dtype == torch.float32
+    assert torch.allclose(out.float(), reference, atol=0.03)
+    for ours, exact in ((h1, g1), (h2, g2)):
+        assert (ours - exact).norm() < 0.02 * exact.norm()

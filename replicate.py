@@ -32,14 +32,19 @@ network's). Temporal consistency and EPE are evaluate.py's (evaluate_consistency
 on the same pairs.
 
 Outputs: runs under --runs (default runs/replicate/VARIANT/seedS), one JSON per run under
-results/runs/ (the cache: a run whose JSON exists with the same settings is not trained again;
-an interrupted run resumes from its checkpoint), results/TABLE.json (settings, every seed's
-numbers, mean and sample std) and results/TABLE.md (the markdown table); `--readme` also puts the
-tables into README.md between the markers <!-- replicate:TABLE --> and <!-- /replicate:TABLE -->.
-`--quick` writes under results/quick/ and runs/replicate-quick/ instead, so it never mixes with a
-full run.
+results/runs/ (the cache: a run whose JSON holds the same settings and the same train.py command is
+not trained again; an interrupted run resumes from its checkpoint; a row built on a run trained now
+is trained again too), results/TABLE.json (settings, every seed's numbers, mean, sample std and
+count) and results/TABLE.md (the markdown table); `--readme` also puts the tables into README.md
+between the markers <!-- replicate:TABLE --> and <!-- /replicate:TABLE -->. Plain `--quick` writes
+under results/quick/ and runs/replicate-quick/, and any other settings (--iterations, --crop,
+--eval-snippets) under results/custom-HASH/ and runs/replicate-custom-HASH/, so they never mix with
+or overwrite the default run. Checkpoints are deleted once every row of a seed is done
+(--keep-checkpoints keeps them); a row whose run it builds on has lost its checkpoint trains that
+run again.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -105,17 +110,17 @@ TABLES = {
     },
     "efc-table2": {
         "title": "EFC Table 2: optical flow",
-        "rows": [("zero", "zero flow (reference)", "-"), ("ul", "UL", "7.53 / 11.03"),
-                 ("ul-oe", "UL + OE", "7.23 / 8.72"), ("ul-tc", "UL + TC", "4.94 / 8.84"),
-                 ("ul-oe-tc", "UL + OE + TC", "4.51 / 7.79"), ("full", "EFC full", "3.93 / 7.05")],
+        "rows": [("zero", "zero flow (reference)", "-"), ("ul", "UL", "11.03 / 7.53"),
+                 ("ul-oe", "UL + OE", "8.72 / 7.23"), ("ul-tc", "UL + TC", "8.84 / 4.94"),
+                 ("ul-oe-tc", "UL + OE + TC", "7.79 / 4.51"), ("full", "EFC full", "7.05 / 3.93")],
         "columns": [("epe_all", "EPE all", "px"), ("epe_noc", "EPE noc", "px"), ("fl_all", "Fl all %", "pct")],
-        "paper": "EPE noc / all (KITTI 2015)",
+        "paper": "EPE all / noc (KITTI 2015)",
     },
     "flow2seg-table3": {
         "title": "Flow2Seg Table 3 (and Table 2): motion for segmentation",
         "rows": [("psp", "PSPNet (image only)", "77.8"), ("flow2seg-gt", "+ Flow2Seg, ground-truth flow", "-"),
                  ("flow2seg-efc", "+ Flow2Seg, flow of the full EFC", "79.7 (FlowNet2 flow)"),
-                 ("flow2seg-r50", "+ Flow2Seg, ResNet-50 flow path, ground-truth flow", "flow path: R18 39.6, R50 37.4")],
+                 ("flow2seg-r50", "+ Flow2Seg, ResNet-50 flow path, ground-truth flow", "- (flow path alone, Table 2: R18 39.6, R50 37.4)")],
         "columns": [("miou", "mIoU %", "pct"), ("iou_car_moving", "IoU car_moving %", "pct"),
                     ("iou_car_parked", "IoU car_parked %", "pct"), ("miou_flow_path", "flow path alone mIoU %", "pct")],
         "paper": "mIoU % (Cityscapes val)",
@@ -271,14 +276,37 @@ def train_command(name, seed, settings, run_dir, runs_root, data_root, device):
     return args + extra
 
 
-def run_variant(name, seed, settings, paths, device, log):
-    """Train (or resume) and evaluate one variant and seed, unless its result is cached -> result dict."""
+def cached_result(name, seed, settings, paths, device):
+    """The stored result of one variant and seed if it was made with these settings and this train.py
+    command (which holds the variant's flags, the data root and the device), else None."""
     result_path = paths["results"] / "runs" / name / f"seed{seed}.json"
-    if result_path.is_file():
-        cached = json.loads(result_path.read_text())
-        if cached.get("settings") == settings:
-            log(f"{name} seed {seed}: cached ({result_path})")
-            return cached
+    if not result_path.is_file():
+        return None
+    cached = json.loads(result_path.read_text())
+    args = train_command(name, seed, settings, paths["runs"] / name / f"seed{seed}", paths["runs"], paths["data"],
+                         device)
+    if cached.get("settings") != settings or cached.get("command") != "python train.py " + " ".join(args):
+        return None
+    return cached
+
+
+def code_version():
+    """The git commit of this checkout (None outside git): written into every result."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def run_variant(name, seed, settings, paths, device, log, use_cache=True):
+    """Train (or resume) and evaluate one variant and seed, unless its result is cached (and use_cache)
+    -> (result dict, whether it was trained now)."""
+    result_path = paths["results"] / "runs" / name / f"seed{seed}.json"
+    cached = cached_result(name, seed, settings, paths, device) if use_cache else None
+    if cached is not None:
+        log(f"{name} seed {seed}: cached ({result_path})")
+        return cached, False
     run_dir = paths["runs"] / name / f"seed{seed}"
     stamp = run_dir / "settings.json"
     if run_dir.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != settings):
@@ -286,17 +314,18 @@ def run_variant(name, seed, settings, paths, device, log):
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(settings, indent=1))
     args = train_command(name, seed, settings, run_dir, paths["runs"], paths["data"], device)
+    command = "python train.py " + " ".join(args)  # the cache key's command: without --resume
     checkpoint = run_dir / "ckpt.pt"
-    finished = False
+    finished = resumed = False
     if checkpoint.is_file():
         finished = train.read_checkpoint(checkpoint)["iteration"] >= settings["iterations"]
-        if not finished:
-            args += ["--resume", str(checkpoint)]
+        resumed = not finished
     t0 = time.time()
     if not finished:
-        log(f"{name} seed {seed}: python train.py {' '.join(args)}")
+        argv = args + (["--resume", str(checkpoint)] if resumed else [])
+        log(f"{name} seed {seed}: python train.py {' '.join(argv)}")
         with open(run_dir / "train.out", "a") as out:
-            code = subprocess.call([sys.executable, str(Path(__file__).with_name("train.py")), *args],
+            code = subprocess.call([sys.executable, str(Path(__file__).with_name("train.py")), *argv],
                                    stdout=out, stderr=subprocess.STDOUT)
         if code != 0:
             raise SystemExit(f"{name} seed {seed}: train.py exited with {code}; see {run_dir / 'train.out'}")
@@ -311,12 +340,13 @@ def run_variant(name, seed, settings, paths, device, log):
         train.fill_flow_dir(source, paths["data"], flow_dir, torch.device(device or "cpu"),
                             frames={"val": sequence.frame_paths()})
     metrics = evaluate_run(checkpoint, sequence, torch.device(device or "cpu"), flow_dir)
-    result = {"variant": name, "seed": seed, "settings": settings, "command": "python train.py " + " ".join(args),
-              "metrics": evaluate.json_safe(metrics), "train_seconds": train_seconds,
-              "eval_seconds": time.time() - t1}
+    result = {"variant": name, "seed": seed, "settings": settings,
+              "variant_settings": {**settings, **VARIANTS[name][3]}, "command": command, "resumed": resumed,
+              "code_version": code_version(), "metrics": evaluate.json_safe(metrics),
+              "train_seconds": train_seconds, "eval_seconds": time.time() - t1}
     write_json(result_path, result)
     log(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    return result
+    return result, True
 
 
 def write_json(path, obj):
@@ -327,20 +357,21 @@ def write_json(path, obj):
 
 
 def summarise(values):
-    """mean and sample std (None for one seed) of finite values; NaN values (a class absent from
-    both ground truth and prediction) are left out."""
+    """(mean, sample std (None for one value), n) of the finite values; NaN values (a class absent from
+    both ground truth and prediction) are left out, and n says how many were left."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
-        return None, None
-    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else None)
+        return None, None, 0
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else None), len(finite)
 
 
-def format_value(mean, std, kind):
+def format_value(mean, std, kind, n=None, seeds=None):
+    """'41.0 ± 1.4' (pct: x100, 1 digit; px: 3 digits); '(n=2)' where fewer than all seeds had a value."""
     if mean is None:
         return "-"
     scale, digits = (100.0, 1) if kind == "pct" else (1.0, 3)
-    text = f"{mean * scale:.{digits}f}"
-    return text + (f" ± {std * scale:.{digits}f}" if std is not None else "")
+    text = f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if std is not None else "")
+    return text + (f" (n={n})" if n is not None and seeds is not None and n < seeds else "")
 
 
 def table_report(table, results, zero, settings, seeds):
@@ -348,18 +379,21 @@ def table_report(table, results, zero, settings, seeds):
     spec = TABLES[table]
     rows = []
     for name, label, paper in spec["rows"]:
-        per_seed = {seed: zero for seed in seeds} if name == "zero" else \
-            {seed: results[(name, seed)]["metrics"] for seed in seeds}
+        # The zero flow does not depend on the seed: one evaluation, no spread.
+        per_seed = {"any": zero} if name == "zero" else {seed: results[(name, seed)]["metrics"] for seed in seeds}
         stats = {}
         for key, _, _ in spec["columns"]:
-            mean, std = summarise([m.get(key) for m in per_seed.values()])
-            stats[key] = {"mean": mean, "std": std}
+            mean, std, n = summarise([m.get(key) for m in per_seed.values()])
+            stats[key] = {"mean": mean, "std": std, "n": n}
         rows.append({"variant": name, "label": label, "paper": paper, "per_seed": per_seed, "stats": stats,
+                     "settings_changed": {} if name == "zero" else VARIANTS[name][3],
                      "command": None if name == "zero" else results[(name, seeds[0])]["command"]})
     header = ["variant"] + [h for _, h, _ in spec["columns"]] + [f"paper: {spec['paper']}"]
     lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(spec["columns"]) + " ---: |"]
     for row in rows:
-        cells = [format_value(row["stats"][k]["mean"], row["stats"][k]["std"], kind) for k, _, kind in spec["columns"]]
+        count = len(row["per_seed"])
+        cells = [format_value(row["stats"][k]["mean"], row["stats"][k]["std"], kind, row["stats"][k]["n"], count)
+                 for k, _, kind in spec["columns"]]
         lines.append("| " + " | ".join([row["label"]] + cells + [row["paper"]]) + " |")
     n = len(seeds)
     note = (f"{spec['title']}. Mean ± sample std over {n} seed{'s' if n > 1 else ''} ({', '.join(map(str, seeds))}); "
@@ -383,6 +417,17 @@ def update_readme(readme, table, markdown):
     Path(readme).write_text(before + start + "\n" + markdown + end + after)
 
 
+def default_folders(settings):
+    """(results, runs) folders of a settings dict: the default's, plain --quick's, or one pair per other
+    settings (a short hash of them), so that a run at other settings never overwrites these results."""
+    if settings == SETTINGS:
+        return Path("results"), Path("runs/replicate")
+    if settings == QUICK:
+        return Path("results/quick"), Path("runs/replicate-quick")
+    tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(f"results/custom-{tag}"), Path(f"runs/replicate-custom-{tag}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -394,11 +439,14 @@ def parse_args(argv=None):
     p.add_argument("--eval-snippets", type=int, help="override the number of validation snippets evaluated (default all)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="override the training crop")
     p.add_argument("--data-root", default=data.SYNTH_DEFAULT_ROOT, help="the synthetic world (written if missing)")
-    p.add_argument("--results", help="results folder (default results, or results/quick with --quick)")
-    p.add_argument("--runs", help="run folders (default runs/replicate, or runs/replicate-quick with --quick)")
-    p.add_argument("--device", help="cpu or cuda (train.py's default: cuda if available)")
+    p.add_argument("--results", help="results folder (default: results; results/quick with plain --quick; "
+                                      "results/custom-HASH for any other settings)")
+    p.add_argument("--runs", help="run folders (default: runs/replicate, runs/replicate-quick, or "
+                                   "runs/replicate-custom-HASH, as --results)")
+    p.add_argument("--device", help="cpu or cuda (train.py's default: cuda if available); part of the cache key")
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep every run's checkpoint (default: only those other rows build on, ul-oe and full)")
+                   help="keep every run's checkpoint (default: deleted once all rows of a seed are done; a row "
+                        "built on a deleted one trains that run again)")
     p.add_argument("--readme", metavar="FILE", nargs="?", const="README.md",
                    help="put the tables into this README between its replicate markers (default file README.md)")
     args = p.parse_args(argv)
@@ -418,8 +466,8 @@ def main(argv=None):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     tables = list(TABLES) if args.table == "all" else [args.table]
-    paths = {"results": Path(args.results or ("results/quick" if args.quick else "results")),
-             "runs": Path(args.runs or ("runs/replicate-quick" if args.quick else "runs/replicate")),
+    results_folder, runs_folder = default_folders(settings)
+    paths = {"results": Path(args.results or results_folder), "runs": Path(args.runs or runs_folder),
              "data": Path(args.data_root)}
     if not paths["data"].is_dir():
         print(f"writing the synthetic world to {paths['data']} ...", flush=True)
@@ -439,9 +487,21 @@ def main(argv=None):
     results, t0 = {}, time.time()
     # Seed by seed, so that an interrupted run has whole tables for the first seeds.
     for seed in seeds:
+        trained = set()  # variants trained now: the rows built on them are not taken from the cache
         for name in order:
-            results[(name, seed)] = run_variant(name, seed, settings, paths, args.device, log)
-        if not args.keep_checkpoints:  # the rows built on ul-oe and full are done for this seed
+            dependency = VARIANTS[name][2]
+            use_cache = dependency not in trained
+            if dependency and not (use_cache and cached_result(name, seed, settings, paths, args.device)):
+                if not (paths["runs"] / dependency / f"seed{seed}" / "ckpt.pt").is_file():
+                    log(f"{name} seed {seed} builds on {dependency}, whose checkpoint is gone: training it again")
+                    results[(dependency, seed)], _ = run_variant(dependency, seed, settings, paths, args.device,
+                                                                 log, use_cache=False)
+                    trained.add(dependency)
+                    use_cache = False
+            results[(name, seed)], now = run_variant(name, seed, settings, paths, args.device, log, use_cache)
+            if now:
+                trained.add(name)
+        if not args.keep_checkpoints:  # every row of this seed is done
             for name in order:
                 for file in ("ckpt.pt", "best.pt"):
                     (paths["runs"] / name / f"seed{seed}" / file).unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 arithmetic, the README update, one real (cached) run, and a slow smoke run of a whole table."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,12 +86,51 @@ def test_table_means_std_and_markdown():
     rows = {row["variant"]: row for row in report["rows"]}
     assert rows["psp"]["stats"]["miou"]["mean"] == pytest.approx(0.41)
     assert rows["psp"]["stats"]["miou"]["std"] == pytest.approx(math.sqrt(2) * 0.01)
-    assert rows["full"]["stats"]["temporal_consistency"] == {"mean": pytest.approx(0.9), "std": None}
+    assert rows["full"]["stats"]["temporal_consistency"] == {"mean": pytest.approx(0.9), "std": None, "n": 1}
     assert "| PSPNet | 41.0 ± 1.4 | 90.0 ± 0.0 | 76.20 |" in markdown
-    assert "| + TCC_multi + OM + UD (EFC) | 46.0 ± 1.4 | 90.0 | 78.44 |" in markdown
+    assert "| + TCC_multi + OM + UD (EFC) | 46.0 ± 1.4 | 90.0 (n=1) | 78.44 |" in markdown  # one seed was NaN
     assert "2 seeds (0, 1)" in markdown and "12 validation pairs" in markdown
     assert replicate.format_value(None, None, "pct") == "-"
     assert replicate.format_value(1.23456, None, "px") == "1.235"
+    # The zero flow is one evaluation whatever the seeds: no spread, no n; paper EPE in the table's column order.
+    for k, name in enumerate(["ul", "ul-oe", "ul-tc", "ul-oe-tc", "full"]):
+        for seed in seeds:
+            results[(name, seed)] = {"metrics": {"epe_all": 1.0 + k + seed, "epe_noc": 0.5, "fl_all": 0.1},
+                                     "command": f"cmd {name}"}
+    zero = {"pairs": 12, "epe_all": 1.4, "epe_noc": 1.3, "fl_all": 0.02}
+    report, markdown = replicate.table_report("efc-table2", results, zero, settings, seeds)
+    assert "| zero flow (reference) | 1.400 | 1.300 | 2.0 | - |" in markdown
+    assert "| UL | 1.500 ± 0.707 | 0.500 ± 0.000 | 10.0 ± 0.0 | 11.03 / 7.53 |" in markdown
+    assert "paper: EPE all / noc (KITTI 2015)" in markdown
+
+
+def test_default_folders_keep_other_settings_apart():
+    assert replicate.default_folders(dict(replicate.SETTINGS)) == (Path("results"), Path("runs/replicate"))
+    assert replicate.default_folders(dict(replicate.QUICK)) == (Path("results/quick"), Path("runs/replicate-quick"))
+    longer = replicate.default_folders({**replicate.SETTINGS, "iterations": 5000})
+    assert longer == replicate.default_folders({**replicate.SETTINGS, "iterations": 5000})  # stable
+    assert longer[0].name.startswith("custom-") and longer[1].name == "replicate-" + longer[0].name
+    assert longer != replicate.default_folders({**replicate.SETTINGS, "iterations": 4000})
+
+
+def test_a_row_whose_dependency_lost_its_checkpoint_trains_it_again(world, tmp_path, monkeypatch):
+    """flow2seg-efc is not cached and full's checkpoint was deleted: full is trained again (not taken
+    from the cache), then flow2seg-efc; the rows that need nothing stay cached."""
+    cached = {"psp", "flow2seg-gt", "full", "flow2seg-r50"}
+    calls = []
+
+    def fake_run_variant(name, seed, settings, paths, device, log, use_cache=True):
+        calls.append((name, use_cache))
+        trained = not (use_cache and name in cached)
+        return {"metrics": {"miou": 0.5}, "command": f"cmd {name}"}, trained
+
+    monkeypatch.setattr(replicate, "run_variant", fake_run_variant)
+    monkeypatch.setattr(replicate, "cached_result",
+                        lambda name, seed, *a: {"metrics": {}} if name in cached else None)
+    replicate.main(["flow2seg-table3", "--seeds", "1", "--eval-snippets", "1", "--data-root", str(world),
+                    "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
+    assert calls == [("psp", True), ("flow2seg-gt", True), ("full", True), ("full", False),
+                     ("flow2seg-efc", False), ("flow2seg-r50", True)]
 
 
 def test_readme_update_replaces_only_the_block(tmp_path):
@@ -105,21 +145,26 @@ def test_readme_update_replaces_only_the_block(tmp_path):
 def test_one_run_trains_evaluates_and_is_cached(world, tmp_path, monkeypatch):
     settings = {**replicate.QUICK, "iterations": 2, "crop": [64, 64], "workers": 0, "eval_snippets": 1}
     paths = {"results": tmp_path / "results", "runs": tmp_path / "runs", "data": world}
-    result = replicate.run_variant("psp", 0, settings, paths, "cpu", print)
+    result, trained = replicate.run_variant("psp", 0, settings, paths, "cpu", print)
+    assert trained
     metrics = result["metrics"]
     assert metrics["pairs"] == 6 and 0 <= metrics["miou"] <= 1 and 0 <= metrics["temporal_consistency"] <= 1
     assert len(metrics["iou"]) == 9 and "iou_car_moving" in metrics
     saved = json.loads((tmp_path / "results" / "runs" / "psp" / "seed0.json").read_text())
     assert saved["settings"] == settings and saved["command"].startswith("python train.py --method psp")
+    assert saved["variant_settings"] == settings and saved["resumed"] is False
     # Cached: train.py is not started again; with other settings it is.
     calls = []
     monkeypatch.setattr(replicate.subprocess, "call", lambda argv, **kw: calls.append(argv) or 1)
-    assert replicate.run_variant("psp", 0, settings, paths, "cpu", print)["metrics"] == metrics
+    assert replicate.run_variant("psp", 0, settings, paths, "cpu", print) == (saved, False)
     assert calls == []
     with pytest.raises(SystemExit, match="train.py exited with 1"):
         replicate.run_variant("psp", 0, {**settings, "iterations": 3}, paths, "cpu", print)
     assert len(calls) == 1 and calls[0][calls[0].index("--iterations") + 1] == "3"
     assert "--resume" not in calls[0]  # the old run's checkpoint had other settings: started afresh
+    # The same settings but another train.py command (here: another data root) is not the cached run either.
+    assert replicate.cached_result("psp", 0, settings, {**paths, "data": tmp_path / "elsewhere"}, "cpu") is None
+    assert replicate.cached_result("psp", 0, settings, paths, "cpu")["metrics"] == metrics
 
 
 @pytest.mark.slow
@@ -128,8 +173,12 @@ def test_quick_smoke_run_of_a_table_has_every_variant(world, tmp_path):
                     "--data-root", str(world), "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
     report = json.loads((tmp_path / "results" / "flow2seg-table3.json").read_text())
     assert [row["variant"] for row in report["rows"]] == ["psp", "flow2seg-gt", "flow2seg-efc", "flow2seg-r50"]
-    for row in report["rows"]:
-        assert np.isfinite(row["stats"]["miou"]["mean"])
-    for row in report["rows"][1:]:
-        assert np.isfinite(row["stats"]["miou_flow_path"]["mean"])
+    for row in report["rows"]:  # mIoU cells finite (not the PSPNet's absent flow path); a class IoU is
+        stats = row["stats"]     # finite, or None where the class is in neither labels nor prediction (NaN)
+        assert np.isfinite(stats["miou"]["mean"]) and stats["miou"]["n"] == 1
+        if row["variant"] != "psp":
+            assert np.isfinite(stats["miou_flow_path"]["mean"]) and stats["miou_flow_path"]["n"] == 1
+        for key in ("iou_car_moving", "iou_car_parked"):
+            assert stats[key]["n"] == 1 and np.isfinite(stats[key]["mean"]) or stats[key] == {"mean": None,
+                                                                                              "std": None, "n": 0}
     assert (tmp_path / "results" / "flow2seg-table3.md").read_text().count("\n|") >= 5

@@ -20,8 +20,8 @@ the world itself is the same). Nothing is tuned per variant. Two rows depend on 
 same seed: TCC_fix is initialised from the UL + OE flow branch (EFC's "fixed pre-trained FlowNetS";
 so its flow saw that run's iterations too; the encoder under the frozen decoder is shared and keeps
 training, so the flow is fixed only approximately), and the EFC-flow Flow2Seg row takes its flows
-from the full EFC run. Cost of the default: about 95 minutes per seed on 2 CPU cores (the EFC rows
-about 8 minutes each), so `all --seeds 3` takes about 4.75 hours; `--quick` takes minutes.
+from the full EFC run. Cost of the default: about 90 minutes per seed on 2 CPU cores (the EFC rows
+about 8 minutes each), so `all --seeds 3` took 4.6 hours; `--quick` takes minutes.
 
 Evaluation (the same for every row): the synthetic validation world, the consecutive pairs
 (I_i, I_i+1) with 16 <= i < 22 of every snippet (60 pairs around the labelled 20th frame; all 290

@@ -491,21 +491,47 @@ def evaluate_segmentation(model, method, dataset, device, categories=None, max_i
     return metrics
 
 
+def spread_indices(size, max_items):
+    """`max_items` item indices spread evenly over a dataset of `size` items (all of them without a
+    cap): a capped validation then sees every snippet of SyntheticSequence (29 pairs per snippet, in
+    order), not the first two, whose single camera pans a constant flow could match."""
+    count = _count(range(size), max_items)
+    return sorted({int(round(k)) for k in np.linspace(0, size - 1, count)}) if count else []
+
+
+def geometric_median(points, iterations=100):
+    """The point c minimising the mean |x - c| over `points` (N, 2) (Weiszfeld's iteration, in
+    float64): the best constant flow under the EPE, the answer of a network that ignores its input."""
+    points = points.double()
+    c = points.median(0).values
+    for _ in range(iterations):
+        w = 1 / (points - c).norm(dim=1).clamp(min=1e-6)
+        c = (points * w[:, None]).sum(0) / w.sum()
+    return c
+
+
 @torch.no_grad()
 def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, submit=None):
-    """EPE and Fl of an efc / flow network over pairs with ground truth.
+    """EPE and Fl of an efc / flow network over pairs with ground truth, with baselines.
 
     SyntheticSequence items: 'all' = flow_fw_valid, 'noc' = those pixels not occluded (occ_fw).
     KittiFlow items: 'all' = flow_occ's valid mask, 'noc' = flow_noc's; padded items are cropped
     back to their 'size' first. Items without ground truth (KITTI 'testing') give no metrics.
+    max_items pairs are spread over the whole dataset (spread_indices).
     Pictures `flow_NNN.png` (flow_panel) go to `out`; with `submit`, every flow is written as
     submit/flow/<name of frame 10> (KITTI's submission layout). Returns flow_metrics for 'all'
-    and 'noc' plus 'flow_pairs' (pairs with ground truth).
+    and 'noc' plus 'flow_pairs' (pairs with ground truth) and the checks that a constant cannot fool:
+      epe_all_zero     EPE of the zero flow
+      epe_all_const    EPE of the best constant flow (geometric_median of the true flows), and
+                       const_u, const_v: that flow (a collapsed network can do no better)
+      identity_flow    mean |F(a, a)| in pixels: the flow of a frame to itself, 0 for a network
+                       that reads its input (a constant bias shows here)
     """
-    counts = {"all": [], "noc": []}
-    count = _count(dataset, max_items)
-    picks = _picture_indices(count, pictures)
-    for index in range(count):
+    counts = {"all": [], "noc": [], "zero": []}
+    truths, identity = [], []
+    indices = spread_indices(len(dataset), max_items)
+    picks = _picture_indices(len(indices), pictures)
+    for position, index in enumerate(indices):
         item = _batch(dataset[index], device)
         image_a, image_b = item["image_a"], item["image_b"]
         predicted = flow_outputs(model, image_a, image_b)
@@ -525,17 +551,28 @@ def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, 
         if gt is not None:
             counts["all"].append(flow_error_counts(predicted["flow_ab"], gt, valid))
             counts["noc"].append(flow_error_counts(predicted["flow_ab"], gt, noc))
-        if index in picks:
+            counts["zero"].append(flow_error_counts(torch.zeros_like(gt), gt, valid))
+            truths.append(gt.permute(0, 2, 3, 1)[valid.bool()].float().cpu())  # (N, 2) true vectors
+            same = flow_outputs(model, image_a, image_a)["flow_ab"]  # (1, 2, h, w) F(a, a)
+            identity.append(same.norm(dim=1).mean().item())
+        if position in picks:
             panel = flow_panel(image_a[0], image_b[0], predicted["flow_ab"][0], predicted["occ_a"][0, 0],
                                None if gt is None else gt[0], None if gt is None else valid[0],
                                None if occ is None else occ[0])
-            Image.fromarray(panel).save(Path(out) / f"flow_{picks[index]:03d}.png")
+            Image.fromarray(panel).save(Path(out) / f"flow_{picks[position]:03d}.png")
         if submit is not None:
             write_kitti_submission(Path(submit) / "flow" / dataset.items[index][0].name, predicted["flow_ab"][0])
     metrics = {"flow_pairs": len(counts["all"])}
     if counts["all"]:
         for region in ("all", "noc"):
             metrics.update(flow_metrics(torch.cat(counts[region]).numpy(), region))
+        metrics["epe_all_zero"] = flow_metrics(torch.cat(counts["zero"]).numpy(), "all")["epe_all"]
+        truths = torch.cat(truths)  # (N, 2)
+        if len(truths):
+            const = geometric_median(truths)
+            metrics["epe_all_const"] = float((truths.double() - const).norm(dim=1).mean())
+            metrics["const_u"], metrics["const_v"] = float(const[0]), float(const[1])
+        metrics["identity_flow"] = float(np.mean(identity))
     return metrics
 
 

@@ -7,6 +7,7 @@ Estimation", "Optical Flow Estimation" and "Joint Learning":
   eq. (5)  O_seg and the error mask O_error                     -> segmentation_mismatch, error_map
   eq. (6)  G and the photometric loss L_pm                      -> ssim, photometric_map, photometric_loss
   eq. (7)  edge-aware smoothness L_sm                           -> smoothness_loss
+           the scales both are computed on                      -> flow_scales
   eq. (8)  L_seg, cross-entropy (+ the PSPNet auxiliary loss)   -> segmentation_loss
   eq. (9)  the total, with the ablation switches of Tables 1, 2 -> efc_loss
 Flow2Seg ("Motion-Aided Semantic Segmentation"), section 3.4:
@@ -32,11 +33,16 @@ SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # Wang et al. 2004 with a dynamic range
 # 0.01-0.1, so exp(-|dI|) stays in [0.9, 1] and sees no edges; with 10 a 0.1 step (a visible edge)
 # scales the penalty by e^-1 and a 0.3 step by 0.05 (ARFlow's first-order smoothness uses 10 too).
 EDGE_WEIGHT = 10.0
-NORM_EPS = 1e-6  # sqrt(mean d^2 + eps): finite gradient at d = 0, a bias of at most 1e-3 per pixel
+NORM_EPS = 1e-6  # sqrt(sum d^2 + eps): finite gradient at d = 0, a bias of at most 1e-3 per pixel
 AUX_WEIGHT = 0.4  # PSPNet's auxiliary loss (Zhao et al. 2017), also Flow2Seg's beta
 EFC_WEIGHTS = {"cons": 10.0, "occ": 0.4, "sm": 0.5}  # EFC "Implementation Details"
 FLOW2SEG_ALPHA = 0.2  # Flow2Seg eq. (1): weight of L_Flow2Seg
 TERMS = ("seg", "cons", "occ", "sm", "pm")
+# Decoder grids smaller than this on either side get no flow loss (the paper trains every scale of
+# its 713x713 crops, whose coarsest grid is 12x12). At the quick recipe's 96x96 crop the strides
+# 16, 32 and 64 give 6x6, 3x3 and 2x2 grids: area-averaged images that small keep no texture to
+# match, and one cell of them is a third of the crop, so their loss only pulls the flow to a mean.
+MIN_GRID = 8
 
 
 def masked_mean(x, mask=None):
@@ -106,10 +112,15 @@ def photometric_loss(I_a, I_b, flow_ab, O_est_a, O_error_a):
 
     I_a, I_b: (B, 3, h, w) in [0, 1] on the flow's grid; flow_ab: (B, 2, h, w);
     O_est_a, O_error_a: (B, 1, h, w) or 0. O_est keeps its gradient (eq. (4)'s penalty balances it).
-    Not masked by the warp's `valid`: leaving the image is occlusion, learned by O_est (EFC calls
-    in-and-out of image occlusion), and a mask would let the flow escape the loss by pointing outside.
+    A point p + F(p) outside the image samples the nearest border pixel (warp's "border" padding, as
+    ARFlow does), which is where the paper is silent. Zero-filled samples made a correct flow lose:
+    on the synthetic world the true flow scored worse than zero flow at every decoder scale (all the
+    pixels that leave the frame compared a colour with black). UnFlow instead masks the pixels whose
+    flow leaves the image and normalises by the rest; with a mask taken from the predicted flow,
+    pointing outside escapes the loss, so we do not mask: leaving the image is occlusion, learned by
+    O_est (EFC's "in-and-out of image occlusion").
     """
-    I_b_warped, _ = warp.backward_warp(I_b, flow_ab)  # (B, 3, h, w) float32, 0 outside
+    I_b_warped, _ = warp.backward_warp(I_b, flow_ab, padding="border")  # (B, 3, h, w) float32
     with _no_autocast(I_a):
         G = photometric_map(I_a, I_b_warped)  # (B, 1, h, w)
         # EFC eq. (6): L_pm = sum_xy G(I, I') * (1 + O_error - O_est)
@@ -139,28 +150,28 @@ def consistency_loss(S_a, S_b, flow_ab, O_est_a):
 
     S_a, S_b: (B, C_S, h8, w8); flow_ab: (B, 2, h, w) the finest flow (the network's best estimate),
     resized and rescaled to the features' grid; O_est_a: (B, 1, h, w) resized bilinearly, or 0.
-    Gradient reaches S_a, S_b and the flow. Not masked by `valid`, as in photometric_loss.
+    Gradient reaches S_a, S_b and the flow. ||S - S'||_2 is the paper's plain Euclidean norm over the
+    C_S channels, so lambda_cons = 10 weighs it as the paper does (the norm grows with sqrt(C_S):
+    layer3 has 256 channels in ResNet-18, 1024 in ResNet-50/101; its gradient is a unit vector
+    per pixel whatever C_S). Averaged over the pixels whose p + F(p) lies inside the frame: a pixel
+    that leaves it has no feature to be consistent with (zero-filled, S' = 0 would tie S_a to 0).
 
-    Two choices where the paper is silent:
-    * ||S - S'||_2 is divided by sqrt(C_S) (the root-mean-square over channels): the plain norm
-      grows with the width of layer3 (256 channels for ResNet-18, 1024 for ResNet-50/101), and
-      lambda_cons = 10 should mean the same for every backbone.
-    * O_est is a detached weight here. With its gradient, the minimum of
-      lambda_cons (1 - O) d + lambda_occ BCE(O, 0) over O is O = 1 - lambda_occ / (lambda_cons d):
-      about 0.97 for a feature distance d of 1 (what an untrained encoder gives), so L_cons would
-      switch itself off (measured: within one SGD step at lr 0.01). O_est still learns from L_occ
-      and from L_pm, which is where the paper's "tends to predict more occlusion" shows.
+    O_est is a detached weight here (the paper is silent). With its gradient, the minimum of
+    lambda_cons (1 - O) d + lambda_occ BCE(O, 0) over O is O = 1 - lambda_occ / (lambda_cons d):
+    near 1 for any feature distance d of an untrained encoder, so L_cons would switch itself off
+    (measured: within one SGD step at lr 0.01). O_est still learns from L_occ and from L_pm, which
+    is where the paper's "tends to predict more occlusion" shows.
     """
     size = S_a.shape[2:]
     flow = warp.resize_flow(flow_ab, size)  # (B, 2, h8, w8) in feature pixels
     if torch.is_tensor(O_est_a):
         O_est_a = F.interpolate(O_est_a.detach().float(), size=size, mode="bilinear",
                                 align_corners=False)  # (B, 1, h8, w8)
-    S_b_warped, _ = warp.backward_warp(S_b, flow)  # S' = Warp(S_b, F_a->b), (B, C_S, h8, w8) float32
+    S_b_warped, valid = warp.backward_warp(S_b, flow)  # S' = Warp(S_b, F_a->b), (B, C_S, h8, w8) float32
     difference = S_a.to(S_b_warped.dtype) - S_b_warped  # (B, C_S, h8, w8)
-    distance = torch.sqrt(difference.pow(2).mean(1, keepdim=True) + NORM_EPS)  # (B, 1, h8, w8)
+    distance = torch.sqrt(difference.pow(2).sum(1, keepdim=True) + NORM_EPS)  # (B, 1, h8, w8), ||S - S'||_2
     # EFC eq. (2): L_cons = sum_xy (1 - O_est) ||S - S'||_2
-    return masked_mean((1 - O_est_a) * distance)
+    return masked_mean((1 - O_est_a) * distance, valid)
 
 
 def occlusion_loss(O_est_a, flow_ba, alpha=ALPHA_OCC):
@@ -228,6 +239,24 @@ def segmentation_loss(logits, labels, aux=None):
     return cross_entropy(logits) + (AUX_WEIGHT * cross_entropy(aux) if aux is not None else 0)
 
 
+def flow_scales(flows, occ, image_size):
+    """The grids the flow losses are computed on -> list of (flows, occ) dicts keyed 'a', 'b'.
+
+    flows, occ: dicts 'a', 'b' -> lists of the decoder's (B, 2, h_l, w_l) flows and (B, 1, h_l, w_l)
+    O_est, finest first; image_size (H, W). First the finest flow upsampled to the input resolution
+    (resize_flow: values rescaled; O_est bilinearly), as GeoNet and UnFlow do: a warp at full
+    resolution sees the image's own texture, where area-downsampled grids average it away (the
+    paper trains only the decoder's grids, so this term is our addition). Then every decoder grid
+    of at least MIN_GRID pixels on each side, finest first (the paper's multi-scale terms).
+    """
+    size = tuple(image_size)
+    full = ({k: warp.resize_flow(v[0], size) for k, v in flows.items()},
+            {k: F.interpolate(v[0].float(), size=size, mode="bilinear", align_corners=False) for k, v in occ.items()})
+    decoder = [({k: v[level] for k, v in flows.items()}, {k: v[level] for k, v in occ.items()})
+               for level in range(len(flows["a"])) if min(flows["a"][level].shape[2:]) >= MIN_GRID]
+    return [full] + decoder
+
+
 def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, consistency=True,
              flow_only=False, frozen_flow=False):
     """EFC eq. (9) on one pair: returns (total, terms), terms the unweighted L_seg, L_cons, L_occ,
@@ -235,9 +264,10 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
 
     outputs: EFCNet.forward_pair's dict (see model.py); batch: 'image_a', 'image_b' (B, 3, H, W)
     ImageNet-normalised, 'label_a', 'label_b' (B, H, W) int64 (all 255 for an unlabelled frame).
-    weights: overrides of EFC_WEIGHTS. Per direction, L_pm, L_sm and L_occ are averaged over the
-    decoder scales with equal weights (so their size does not depend on the number of scales) and
-    the two directions are summed (the paper writes each loss per direction, "two directions").
+    weights: overrides of EFC_WEIGHTS. Per direction, L_pm, L_sm and L_occ are averaged with equal
+    weights over the scales of flow_scales (the input resolution and the decoder grids of at least
+    MIN_GRID pixels; so their size does not depend on the number of scales) and the two directions
+    are summed (the paper writes each loss per direction, "two directions").
     Ablation switches (EFC Tables 1 and 2):
       occlusion=False    O_est = 0 in every weight, no L_occ (Table 1 rows without "OM"; Table 2 "UL + TC")
       error_mask=False   O_error = 0 (Table 2 "UL + OE + TC")
@@ -258,9 +288,8 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
         raise ValueError("efc_loss: outputs hold no segmentation (a flow-only model): pass flow_only=True")
     flows = {"a": outputs["flow_ab"], "b": outputs["flow_ba"]}
     occ = {"a": outputs["occ_a"], "b": outputs["occ_b"]}
-    n_scales = len(flows["a"])
-    if len(flows["b"]) != n_scales or (occlusion and not len(occ["a"]) == len(occ["b"]) == n_scales):
-        raise ValueError("efc_loss: flow_ab, flow_ba (and occ_a, occ_b) must hold the same number of scales")
+    if not len(flows["a"]) == len(flows["b"]) == len(occ["a"]) == len(occ["b"]):
+        raise ValueError("efc_loss: flow_ab, flow_ba, occ_a and occ_b must hold the same number of scales")
     with _no_autocast(batch["image_a"]):
         images = {"a": data.denormalize(batch["image_a"].float()),
                   "b": data.denormalize(batch["image_b"].float())}  # (B, 3, H, W) in [0, 1]
@@ -268,19 +297,19 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
     features = {"a": outputs["S_a"], "b": outputs["S_b"]}
     terms = {name: torch.zeros((), device=images["a"].device) for name in TERMS}
     use_error = error_mask and not flow_only
+    scales = [] if frozen_flow else flow_scales(flows, occ, images["a"].shape[2:])
 
     for a, b in (("a", "b"), ("b", "a")):  # direction a <- b: frame b warped onto frame a by F_a->b
-        if not frozen_flow:
-            for level in range(n_scales):
-                flow_ab, flow_ba = flows[a][level], flows[b][level]  # (B, 2, h, w) each
-                size = flow_ab.shape[2:]
-                I_a, I_b = resize_image(images[a], size), resize_image(images[b], size)  # (B, 3, h, w)
-                O_est = occ[a][level] if occlusion else 0  # (B, 1, h, w)
-                O_error = error_map(segmentation_mismatch(logits[a], logits[b], flow_ab), O_est) if use_error else 0
-                terms["pm"] = terms["pm"] + photometric_loss(I_a, I_b, flow_ab, O_est, O_error) / n_scales
-                terms["sm"] = terms["sm"] + smoothness_loss(flow_ab, I_a) / n_scales
-                if occlusion:
-                    terms["occ"] = terms["occ"] + occlusion_loss(O_est, flow_ba) / n_scales
+        for flow, O in scales:
+            flow_ab, flow_ba = flow[a], flow[b]  # (B, 2, h, w) each
+            size = flow_ab.shape[2:]
+            I_a, I_b = resize_image(images[a], size), resize_image(images[b], size)  # (B, 3, h, w)
+            O_est = O[a] if occlusion else 0  # (B, 1, h, w)
+            O_error = error_map(segmentation_mismatch(logits[a], logits[b], flow_ab), O_est) if use_error else 0
+            terms["pm"] = terms["pm"] + photometric_loss(I_a, I_b, flow_ab, O_est, O_error) / len(scales)
+            terms["sm"] = terms["sm"] + smoothness_loss(flow_ab, I_a) / len(scales)
+            if occlusion:
+                terms["occ"] = terms["occ"] + occlusion_loss(O_est, flow_ba) / len(scales)
         if consistency and not flow_only:
             flow_ab = flows[a][0].detach() if frozen_flow else flows[a][0]  # finest scale
             O_est = occ[a][0] if occlusion else 0  # a detached weight inside consistency_loss
@@ -294,6 +323,25 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
     total = (terms["seg"] + lam["cons"] * terms["cons"] + lam["occ"] * terms["occ"]
              + lam["sm"] * terms["sm"] + terms["pm"])
     return total, {name: value.detach() for name, value in terms.items()}
+
+
+def supervised_flow_loss(outputs, batch):
+    """A diagnostic, in no paper (train.py --flow-supervised): the mean end-point error of the flow
+    decoder against the true flow, to tell what the decoder can learn from what the unsupervised
+    losses teach it. outputs: EFCNet.forward_pair's dict; batch: SyntheticSequence items with
+    'flow_fw' = F_a->b, 'flow_bw' = F_b->a (B, 2, H, W) and their '_valid' masks (B, H, W).
+    Every decoder grid of at least MIN_GRID pixels is upsampled to the input resolution (values
+    rescaled) and compared there; grids weigh equally, and the two directions are summed.
+    """
+    total = 0
+    for key, truth in (("flow_ab", "flow_fw"), ("flow_ba", "flow_bw")):
+        gt, valid = batch[truth].float(), batch[truth + "_valid"][:, None]  # (B, 2, H, W), (B, 1, H, W)
+        grids = [f for f in outputs[key] if min(f.shape[2:]) >= MIN_GRID]
+        for flow in grids:
+            flow = warp.resize_flow(flow, gt.shape[2:])  # (B, 2, H, W) image pixels
+            epe = torch.sqrt((flow - gt).pow(2).sum(1, keepdim=True) + NORM_EPS)  # (B, 1, H, W) px
+            total = total + masked_mean(epe, valid) / len(grids)
+    return total
 
 
 def flow2seg_loss(outputs, labels, alpha=FLOW2SEG_ALPHA, beta=AUX_WEIGHT):

@@ -267,7 +267,10 @@ def train_command(name, seed, settings, run_dir, runs_root, data_root, device):
             "--workers", str(settings["workers"]),
             # train.py's own validation only at the end and on a few items: this script evaluates
             "--val-every", "0", "--val-items", "5", "--ckpt-every", str(max(50, settings["iterations"] // 4)),
-            "--log-every", str(max(1, settings["iterations"] // 20))]
+            "--log-every", str(max(1, settings["iterations"] // 20)),
+            # every row from scratch at the same budget, pairs up to 5 frames apart, as before the
+            # quick recipe started efc / flow / flow2seg from a world-trained PSPNet (train.world_encoder)
+            "--no-world-init", "--max-gap", "5"]
     if device:
         args += ["--device", device]
     if dependency is not None:

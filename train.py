@@ -50,13 +50,17 @@ from model import METHODS, build_model, load_pretrained
 # Recipes. Every flag left unset takes its value from the recipe ("quick": the synthetic world on a
 # CPU in minutes; "paper": the papers' settings, see the docstring). Explicit flags always win.
 # ---------------------------------------------------------------------------------------------
+# Quick: the correlation reaches +-4 cells at stride 1 of the stride-8 features (+-32 image pixels,
+# 81 channels; EFC's +-20 cells at stride 2 is +-160 pixels, wider than the whole 96x96 crop), and
+# pairs are at most 2 frames apart, because the world moves 5-9 px per frame (data.py), 3-5x more
+# than Cityscapes does at this scale: t = 5 would move the background by up to 45 px.
 QUICK = {"backbone": "resnet18", "flow_backbone": "resnet18", "crop": [96, 96], "batch": 4,
          "iterations": 200, "pairs_per_snippet": 10, "workers": 1, "val_every": 100, "val_items": 60,
-         "log_every": 10, "ckpt_every": 100}
+         "log_every": 10, "ckpt_every": 100, "max_displacement": 4, "corr_stride": 1, "max_gap": 2}
 PAPER_EFC = {"backbone": "resnet101", "flow_backbone": "resnet18", "optimizer": "sgd", "lr": 0.01,
              "weight_decay": 1e-4, "crop": [713, 713], "batch": 16, "iterations": 120_000,
              "pairs_per_snippet": 10, "workers": 8, "val_every": 5000, "val_items": None, "log_every": 50,
-             "ckpt_every": 2000}
+             "ckpt_every": 2000, "max_displacement": 20, "corr_stride": 2, "max_gap": 5}
 PAPER_FLOW2SEG = {**PAPER_EFC, "optimizer": "adam", "lr": 2e-5, "crop": [832, 832], "batch": 8,
                   "iterations": 100_000}
 OPTIMIZER = {  # quick recipe: the papers' optimisers
@@ -99,7 +103,7 @@ def parse_args(argv=None):
     g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (quick 96 96; paper 713 / 832)")
     g.add_argument("--pairs-per-snippet", type=int, help="EFC: pairs drawn per snippet per epoch (paper: 10)")
     g.add_argument("--labelled-pairs", type=int, help="EFC: how many of them contain the labelled frame (default: half)")
-    g.add_argument("--max-gap", type=int, default=5, help="EFC: pairs (I_i, I_i+t) with 1 <= t <= max-gap (paper: 5)")
+    g.add_argument("--max-gap", type=int, help="EFC: pairs (I_i, I_i+t) with 1 <= t <= max-gap (paper: 5; quick: 2)")
     g.add_argument("--no-augment", action="store_true", help="no scale/rotation/flip/jitter; centre crop only")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per training process")
     g = p.add_argument_group("Flow2Seg flow input (F_t->t-1 of the labelled frame)")
@@ -124,8 +128,11 @@ def parse_args(argv=None):
     g.add_argument("--flow2seg-stage", choices=["joint", "flow-path"], default="joint",
                    help="flow-path: train Flow2Seg's flow path alone (loss L_Flow2Seg, the rest frozen); "
                         "joint: all of eq. (1)")
-    g.add_argument("--max-displacement", type=int, default=20, help="EFC correlation range in stride-8 pixels")
-    g.add_argument("--corr-stride", type=int, default=2, help="EFC correlation displacement stride")
+    g.add_argument("--max-displacement", type=int, help="EFC correlation range in stride-8 pixels (paper 20; quick 4)")
+    g.add_argument("--corr-stride", type=int, help="EFC correlation displacement stride (paper 2; quick 1)")
+    g.add_argument("--no-world-init", action="store_true",
+                   help="quick recipe on the synthetic world: start efc / flow / flow2seg from scratch instead of "
+                        "from a PSPNet trained on the world (see world_encoder)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--iterations", type=int, help="training iterations (quick 200; EFC 120000; Flow2Seg 100000)")
     g.add_argument("--batch", type=int, help="global batch (quick 4; EFC 16; Flow2Seg 8), split over processes")
@@ -140,6 +147,9 @@ def parse_args(argv=None):
     g.add_argument("--cons-weight", type=float, default=losses.EFC_WEIGHTS["cons"], help="EFC lambda_cons")
     g.add_argument("--occ-weight", type=float, default=losses.EFC_WEIGHTS["occ"], help="EFC lambda_occ")
     g.add_argument("--sm-weight", type=float, default=losses.EFC_WEIGHTS["sm"], help="EFC lambda_sm")
+    g.add_argument("--flow-supervised", action="store_true",
+                   help="diagnostic (--method flow, synthetic world): train the same flow decoder on the true flow "
+                        "(EPE) instead of the unsupervised losses, to tell the decoder's capacity from the losses'")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default runs/METHOD)")
     g.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly where its checkpoint stopped")
@@ -179,6 +189,8 @@ def parse_args(argv=None):
         args.data_root = data.SYNTH_DEFAULT_ROOT
     if args.dataset == "kitti" and args.method != "flow":
         p.error("--dataset kitti has no segmentation labels: use it with --method flow")
+    if args.flow_supervised and (args.method != "flow" or args.dataset != "synthetic" or args.ablation):
+        p.error("--flow-supervised trains --method flow on the synthetic world's true flow (no --ablation)")
     if args.method == "flow2seg" and args.dataset not in ("synthetic", "cityscapes"):
         p.error("--method flow2seg needs Cityscapes-layout video (--dataset synthetic or cityscapes)")
     if args.flow_dir and args.flow_from:
@@ -250,6 +262,8 @@ def training_dataset(args):
         _, _, pairs, labelled = ABLATIONS[args.ablation]
     if args.dataset == "kitti":
         return data.KittiFlow(root, "training", mode="multiview", transform=transform)
+    if args.flow_supervised:  # consecutive frames with their true flows in both directions
+        return data.SyntheticSequence(root, "train", transform=transform)
     if args.dataset == "camvid":
         if args.method == "psp":
             return data.CamVid(root, "train", transform=transform)
@@ -291,6 +305,50 @@ def fill_flow_dir(checkpoint, root, out_dir, device, frames=None):
 # ---------------------------------------------------------------------------------------------
 # Model, optimiser, checkpoints
 # ---------------------------------------------------------------------------------------------
+WORLD_INIT_ITERATIONS = 200  # the quick recipe's PSPNet run
+
+
+def world_encoder(args, world, log):
+    """The encoder the quick recipe starts efc, flow and flow2seg from on the synthetic world: a
+    PSPNet trained on the world (`python train.py --method psp`, 200 iterations), run once per
+    (backbone, seed, world) and cached in runs/world-init/. Returns its checkpoint, or None where it
+    does not apply (another recipe or dataset, --no-world-init, or an explicit --init / --pretrained
+    / --resume).
+
+    Why: both papers start from ImageNet-pretrained ResNets, and EFC's flow decoder correlates the
+    encoder's layer3 features. A randomly initialised encoder's features do not match across
+    frames (the soft-argmax of their correlation was uncorrelated with the true pan: r = -0.2 over
+    10 val pairs); after 200 iterations of PSPNet training on the world, r = 0.85. No ImageNet file
+    can ship with the code, so the world itself pretrains the encoder; with real data, give
+    --pretrained FILE instead.
+    """
+    if (args.recipe != "quick" or args.dataset != "synthetic" or args.method not in ("efc", "flow", "flow2seg")
+            or args.no_world_init or args.init or args.pretrained or args.resume):
+        return None
+    root = Path(args.data_root).resolve()
+    folder = Path("runs") / "world-init" / f"psp-{args.backbone}-seed{args.seed}-{root.name}"
+    command = ["--method", "psp", "--backbone", args.backbone, "--data-root", str(args.data_root),
+               "--seed", str(args.seed), "--iterations", str(WORLD_INIT_ITERATIONS), "--val-every", "0", "--no-world-init",
+               "--out", str(folder)] + (["--device", args.device] if args.device else [])
+    printed = "python train.py " + " ".join(command)
+    path = folder / "ckpt.pt"
+    if path.is_file():
+        ckpt = read_checkpoint(path)
+        config = ckpt["config"]
+        if (ckpt["method"] == "psp" and ckpt["iteration"] == WORLD_INIT_ITERATIONS
+                and config["backbone"] == args.backbone and Path(config["data_root"]).resolve() == root):
+            log(f"encoder: {path}, a PSPNet trained on the world (cached; made by `{printed}`)")
+            return str(path)
+        log(f"encoder: {path} does not match this run (unfinished, or another backbone or world): retraining it")
+    if world > 1:
+        raise SystemExit(f"the quick recipe starts {args.method} from a PSPNet trained on the world: run "
+                         f"`{printed}` once before torchrun (or pass --no-world-init)")
+    log(f"encoder: training a PSPNet on the world first: `{printed}`")
+    main(command)
+    log(f"encoder: {path} done; now {args.method}")
+    return str(path)
+
+
 def initialise(net, args, log):
     """--pretrained ImageNet files and --init checkpoints of this project."""
     if args.pretrained:
@@ -464,6 +522,9 @@ def compute_loss(net, batch, args):
         if args.flow2seg_stage == "flow-path":  # the flow path alone: L_Flow2Seg (its eq. (1) term)
             total = losses.segmentation_loss(out["flow_logits"], batch["label"])
         return total, terms
+    if args.flow_supervised:
+        total = losses.supervised_flow_loss(net(batch["image_a"], batch["image_b"], segment=False), batch)
+        return total, {"epe": total.detach()}
     switches = dict(ABLATIONS[args.ablation][1]) if args.ablation else {}
     if args.method == "flow":
         switches.setdefault("flow_only", True)
@@ -521,6 +582,9 @@ def main(argv=None):
     args.num_classes = getattr(train_set, "num_classes", len(data.CITYSCAPES_CLASSES))
 
     # Model.
+    encoder = world_encoder(args, world, log)
+    if encoder is not None:
+        args.init = [encoder]
     resume = read_checkpoint(args.resume) if args.resume else None
     if resume is not None and resume["method"] != args.method:
         raise SystemExit(f"--resume {args.resume}: a {resume['method']} checkpoint, not {args.method}")

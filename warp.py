@@ -47,15 +47,17 @@ def _check_flow(flow, name="flow"):
         raise ValueError(f"{name} must be (B, 2, H, W) with u first, got shape {tuple(flow.shape)}")
 
 
-def backward_warp(x, flow):
+def backward_warp(x, flow, padding="zeros"):
     """EFC eq. (1): warped(p) = x(p + flow(p)) by bilinear interpolation.
 
     Args:
       x:    (B, C, H, W) any channel count: an image, features S_{i+t}, logits, a flow field...
       flow: (B, 2, H, W) F_a->b in pixels, u first, on the grid of the *output* (frame a); x is frame b.
+      padding: what a point outside the image samples. "zeros": exactly 0. "border": the nearest
+            point of the image (the position is clamped to [0, W-1] x [0, H-1] first, so such a
+            sample carries no gradient to the flow); the photometric losses use it (losses.py).
     Returns:
-      warped: (B, C, H, W) in float32 (float64 if an input is float64), x sampled at p + flow(p);
-              exactly 0 where that point lies outside the image.
+      warped: (B, C, H, W) in float32 (float64 if an input is float64), x sampled at p + flow(p).
       valid:  (B, 1, H, W) same dtype, 1 where p + flow(p) lies inside [0, W-1] x [0, H-1], else 0.
     Properties: zero flow returns x exactly and an integer flow shifts exactly (the bilinear weights
     are then exactly 0 and 1); differentiable in x and in flow (the weights are linear in the
@@ -64,12 +66,14 @@ def backward_warp(x, flow):
     The sampling is written out (four gathers and their bilinear weights) rather than done by
     F.grid_sample: grid_sample needs coordinates normalised to [-1, 1], and the round trip
     x -> 2x/(W-1) - 1 -> x is not exact in float32, so zero flow would not return x bit for bit.
-    Points outside the image are zeroed explicitly instead of blending with zero padding, so a
-    sample half a pixel outside gives 0 (and valid 0), not half the border value.
+    With "zeros", points outside the image are zeroed explicitly instead of blending with zero
+    padding, so a sample half a pixel outside gives 0 (and valid 0), not half the border value.
     """
     _check_flow(flow)
     if x.dim() != 4 or x.shape[0] != flow.shape[0] or x.shape[2:] != flow.shape[2:]:
         raise ValueError(f"backward_warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} must share B, H, W")
+    if padding not in ("zeros", "border"):
+        raise ValueError(f"backward_warp: padding must be 'zeros' or 'border', got {padding!r}")
     B, C, H, W = x.shape
     dtype = _geometry_dtype(x, flow)
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -77,6 +81,8 @@ def backward_warp(x, flow):
         pos = pixel_grid(H, W, x.device, dtype) + flow.to(dtype)  # (B, 2, H, W) sampling points
         px, py = pos[:, 0], pos[:, 1]  # (B, H, W) each, in pixels
         valid = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)  # (B, H, W) bool
+        if padding == "border":
+            px, py = px.clamp(0, W - 1), py.clamp(0, H - 1)
 
         x0, y0 = px.floor(), py.floor()
         wx1, wy1 = px - x0, py - y0  # fractional parts in [0, 1): weights of the right / lower cell
@@ -100,7 +106,7 @@ def backward_warp(x, flow):
                   + (wy1 * wx0).unsqueeze(1) * gather(y1i, x0i)
                   + (wy1 * wx1).unsqueeze(1) * gather(y1i, x1i))
         valid = valid.unsqueeze(1).to(dtype)  # (B, 1, H, W)
-        return warped * valid, valid
+        return (warped * valid if padding == "zeros" else warped), valid
 
 
 def resize_flow(flow, size):

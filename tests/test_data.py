@@ -99,12 +99,14 @@ def test_ground_truth_flow_warps_next_frame_onto_current(world):
         p90_shifted.append(shifted.quantile(0.9).item())
         occluded.append(item["occ_fw"].float().mean().item())
         # The backward flow lives on b's grid: warping a by it reproduces b.
+        # (a little looser: the camera's zoom, up to 4 %/frame, shrinks a's texture seen from b, so
+        # b's pixels sample a between its texels)
         error_bw, keep_bw = photometric_error(b, a, item["flow_bw"], torch.ones_like(visible))
-        assert error_bw.median() < 0.006 and keep_bw.float().mean() > 0.8
+        assert error_bw.median() < 0.008 and keep_bw.float().mean() > 0.8
         # Labels follow the flow too: the next label, fetched by the flow, agrees on visible pixels.
         label_b, _ = backward_warp(item["label_b"][None, None].float(), item["flow_fw"].round()[None])
         assert (label_b[0, 0].long() == item["label_a"])[keep].float().mean() > 0.9
-    assert np.mean(means) < 0.012 and max(p90) < 0.02
+    assert np.mean(means) < 0.015 and max(p90) < 0.03  # p90: edge pixels of 6-10 cars in a 48x64 frame
     assert np.mean(p90) < 0.6 * np.mean(p90_shifted)  # the flow is right to much better than half a pixel
     assert 0 < np.mean(occluded) < 0.3
 
@@ -407,10 +409,11 @@ def test_augmentation_keeps_the_flow_consistent(world, name, options):
         assert pad.float().mean() == pytest.approx(1 - 48 * 64 / (60 * 80))
         assert (out["label_a"][pad] == 255).all() and out["occ_fw"][pad].all()
         assert not out["flow_fw_valid"][pad].any()
-    # the same on a real pair of the world (tiny motion, occlusions): no worse than resampling noise
+    # the same on a real pair of the world (occlusions, many sprite edges): no worse than resampling
+    # noise, which blends the layers along every car's outline (0.004-0.025 over 6 draws of "all")
     world_pair = SyntheticSequence(world, "train", transform=JointTransform(**options))[7]
     plain_pair = SyntheticSequence(world, "train")[7]
-    assert warp_error(world_pair)[0] < warp_error(plain_pair)[0] + 0.01
+    assert warp_error(world_pair)[0] < warp_error(plain_pair)[0] + 0.02
 
 
 def test_labels_stay_aligned_with_images():
@@ -553,3 +556,34 @@ def test_flow_to_color_and_the_command_line(world, tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit):  # an existing world is not overwritten silently
         data.main()
     assert "not empty" in capsys.readouterr().err
+
+
+def test_the_world_moves_like_a_driving_camera_and_shows_both_cars(tmp_path):
+    """At the default 128x256: the static scene |F| median >= 3 px and p90 >= 8 px; moving cars
+    6-16 px/frame relative to the road; parked cars move exactly with it; each car class >= 6 % of
+    the labelled pixels (measured on 40 train snippets: 10.4 % and 9.4 %)."""
+    root = make_synthetic_world(tmp_path / "w", num_train=0, num_val=5, seed=0, workers=2)
+    sequence = SyntheticSequence(root, "val")
+    background, relative, cars = [], [], np.zeros(3)
+    for s in range(5):
+        for i in (4, 12, 18, 24):
+            item = sequence[s * (SNIPPET_LENGTH - 1) + i]
+            flow, valid, label = item["flow_fw"].numpy(), item["flow_fw_valid"].numpy(), item["label_a"].numpy()
+            static = valid & (label <= data.SKY)
+            background.append(np.hypot(flow[0], flow[1])[static])
+            ys, xs = np.nonzero(static)  # the static scene's flow is affine (pan + zoom): fit it
+            fit = np.linalg.lstsq(np.stack([xs, ys, np.ones_like(xs)], 1), flow[:, static].T, rcond=None)[0]
+            for cls in (CAR_MOVING, CAR_PARKED):
+                ys, xs = np.nonzero(valid & (label == cls))
+                if len(xs):
+                    residual = np.hypot(*(flow[:, ys, xs].T - np.stack([xs, ys, np.ones_like(xs)], 1) @ fit).T)
+                    if cls == CAR_PARKED:
+                        assert residual.max() < 0.05  # 1/64 px rounding of the stored flow
+                    else:
+                        relative.append(residual)
+        label = SyntheticSequence(root, "val")[s * (SNIPPET_LENGTH - 1) + LABELLED_INDEX]["label_a"].numpy()
+        cars += [(label == CAR_MOVING).sum(), (label == CAR_PARKED).sum(), (label != 255).sum()]
+    background, relative = np.concatenate(background), np.concatenate(relative)
+    assert np.median(background) >= 3 and np.percentile(background, 90) >= 8
+    assert 6 <= np.percentile(relative, 10) and np.percentile(relative, 90) <= 16.5
+    assert cars[0] / cars[2] >= 0.06 and cars[1] / cars[2] >= 0.06, cars

@@ -283,17 +283,38 @@ def test_validate_psp_and_efc_on_the_synthetic_world(world, checkpoints):
     m = evaluate.validate(efc, config_for("efc", world), "cpu", max_items=3)
     assert {"epe_all", "epe_noc", "fl_all", "fl_noc", "epe_all_per_image"} <= set(m) and m["flow_pairs"] == 3
     # the same numbers by hand: EPE of the predicted F_a->b on valid / valid and not occluded pixels
+    # over pairs spread across the whole set (the first, middle and last), not the first three
     sequence = data.SyntheticSequence(world, "val")
-    epe_all, epe_noc = [], []
+    assert evaluate.spread_indices(len(sequence), 3) == [0, 14, 28]
+    epe_all, epe_noc, truth, identity = [], [], [], []
     with torch.no_grad():
-        for index in range(3):
+        for index in (0, 14, 28):
             item = sequence[index]
             flow = evaluate.predict_flow(efc, item["image_a"][None], item["image_b"][None])[0]
             epe = (flow - item["flow_fw"]).norm(dim=0)
             epe_all.append(epe[item["flow_fw_valid"]])
             epe_noc.append(epe[item["flow_fw_valid"] & ~item["occ_fw"]])
+            truth.append(item["flow_fw"].permute(1, 2, 0)[item["flow_fw_valid"]])
+            same = evaluate.predict_flow(efc, item["image_a"][None], item["image_a"][None])[0]
+            identity.append(same.norm(dim=0).mean().item())
     assert m["epe_all"] == pytest.approx(torch.cat(epe_all).mean().item(), rel=1e-5)
     assert m["epe_noc"] == pytest.approx(torch.cat(epe_noc).mean().item(), rel=1e-5)
+    truth = torch.cat(truth).double()
+    assert m["epe_all_zero"] == pytest.approx(truth.norm(dim=1).mean().item(), rel=1e-5)
+    const = torch.tensor([m["const_u"], m["const_v"]], dtype=torch.float64)
+    assert m["epe_all_const"] == pytest.approx((truth - const).norm(dim=1).mean().item(), rel=1e-6)
+    # the best constant: no nudge of it lowers the mean EPE, and it beats zero flow
+    for du, dv in ((0.05, 0), (-0.05, 0), (0, 0.05), (0, -0.05)):
+        assert (truth - const - torch.tensor([du, dv])).norm(dim=1).mean() >= m["epe_all_const"] - 1e-9
+    assert m["epe_all_const"] <= m["epe_all_zero"]
+    assert m["identity_flow"] == pytest.approx(sum(identity) / 3, rel=1e-5)
+
+
+def test_geometric_median_is_the_point_of_least_mean_distance():
+    points = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [10.0, 0.0], [0.0, 7.0]])
+    assert torch.allclose(evaluate.geometric_median(points), torch.zeros(2, dtype=torch.float64), atol=1e-4)
+    square = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]]) + torch.tensor([3.0, -2.0])
+    assert torch.allclose(evaluate.geometric_median(square), torch.tensor([3.0, -2.0], dtype=torch.float64), atol=1e-6)
 
 
 def test_flow2seg_validates_with_the_ground_truth_flow_and_rejects_camvid(world, checkpoints):

@@ -22,7 +22,9 @@ def test_efcnet_outputs_feed_efc_loss_and_every_parameter_learns():
     assert all(terms[name] > 0 for name in ("seg", "cons", "sm", "pm"))
     total.backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing
+    # at 65x97 the grids of strides 16, 32, 64 (5x7, 3x4, 2x2) are below losses.MIN_GRID: their
+    # occlusion heads get no loss; their flows still feed the finer predictions, so they learn
+    assert sorted({n.split(".")[1] for n in missing}) == ["occ4", "occ5", "occ6"], missing
 
 
 def test_flow_only_training_skips_segmentation():

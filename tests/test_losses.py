@@ -324,8 +324,15 @@ def test_efc_loss_total_is_the_weighted_sum_and_every_leaf_gets_a_gradient():
     assert all(t.item() != 0 for t in terms.values())
     torch.testing.assert_close(total.detach(), weighted_total(terms))
     total.backward()
+    # every output gets a gradient, except the flows and occlusions of grids below MIN_GRID
+    small = {id(t) for key in ("flow_ab", "flow_ba", "occ_a", "occ_b") for t in outputs[key]
+             if min(t.shape[2:]) < losses.MIN_GRID}
+    assert small  # the test's coarsest grids are smaller than MIN_GRID
     for t in leaves(outputs):
-        assert t.grad is not None and torch.isfinite(t.grad).all()
+        if id(t) in small:
+            assert t.grad is None
+        else:
+            assert t.grad is not None and torch.isfinite(t.grad).all()
     heavier, _ = losses.efc_loss(outputs, batch, {"cons": 1.0})
     torch.testing.assert_close(heavier.detach(), weighted_total(terms, {**losses.EFC_WEIGHTS, "cons": 1.0}))
 
@@ -423,3 +430,76 @@ def test_flow2seg_loss_weights_and_all_ignore_labels():
                                + 0.2 * ce("flow_logits") + 0.4 * ce("aux"))
     total, terms = losses.flow2seg_loss(outputs, torch.full_like(labels, 255))
     assert total.item() == 0.0 and not math.isnan(total.item())
+
+
+# ------------------------------------------------------------ the flow losses prefer the true flow
+@pytest.fixture(scope="module")
+def moving_world(tmp_path_factory):
+    """One val snippet of the synthetic world at its default size (128 x 256), where it moves 5-9 px."""
+    return data.SyntheticSequence(data.make_synthetic_world(tmp_path_factory.mktemp("moving") / "world", num_train=0,
+                                                            num_val=1, seed=0, workers=1), "val")
+
+
+def scale_losses(sequence, frames, stride, padding, crop=None):
+    """Mean L_pm (no occlusion weights) of the true flow and of zero flow on the grid of `stride`."""
+    true = zero = 0.0
+    for i in frames:
+        item = sequence[i]
+        I_a, I_b = data.denormalize(item["image_a"][None]), data.denormalize(item["image_b"][None])
+        flow = item["flow_fw"][None]  # (1, 2, 128, 256)
+        if crop is not None:  # a 96 x 96 training crop
+            I_a, I_b, flow = (x[..., 16:16 + crop, 80:80 + crop] for x in (I_a, I_b, flow))
+        size = (I_a.shape[2] // stride, I_a.shape[3] // stride)
+        a, b, f = losses.resize_image(I_a, size), losses.resize_image(I_b, size), warp.resize_flow(flow, size)
+        for value, name in ((f, "true"), (torch.zeros_like(f), "zero")):
+            warped, _ = warp.backward_warp(b, value, padding=padding)
+            loss = losses.photometric_map(a, warped).mean().item() / len(frames)
+            true, zero = (true + loss, zero) if name == "true" else (true, zero + loss)
+    return true, zero
+
+
+def test_true_flow_has_lower_photometric_loss_than_zero_flow_at_every_trained_scale(moving_world):
+    frames = (3, 10, 17, 24)
+    # the scales efc_loss trains: full resolution, then the decoder grids of >= MIN_GRID pixels
+    for crop, strides in ((None, (1, 4, 8, 16)), (96, (1, 4, 8))):
+        for stride in strides:
+            true, zero = scale_losses(moving_world, frames, stride, "border", crop)
+            assert true < 0.7 * zero, (crop, stride, true, zero)
+    # why border padding: zero-filled samples (black beyond the frame) make the true flow lose
+    # on the coarse grids, where the pixels that leave a frame are a large share
+    losing = [s for s in (8, 16) if scale_losses(moving_world, frames, s, "zeros")[0]
+              > scale_losses(moving_world, frames, s, "zeros")[1]]
+    assert losing, "zero padding was expected to make the true flow lose at a coarse scale"
+
+
+def test_flow_scales_adds_full_resolution_and_drops_grids_below_min_grid():
+    flows = {k: [torch.randn(1, 2, s, s) for s in (24, 12, 6, 3, 2)] for k in "ab"}
+    occ = {k: [torch.rand(1, 1, s, s) for s in (24, 12, 6, 3, 2)] for k in "ab"}
+    scales = losses.flow_scales(flows, occ, (96, 96))
+    assert [tuple(f["a"].shape[2:]) for f, _ in scales] == [(96, 96), (24, 24), (12, 12)]
+    assert torch.allclose(scales[0][0]["b"], warp.resize_flow(flows["b"][0], (96, 96)))  # values x4
+    assert scales[0][1]["a"].shape == (1, 1, 96, 96) and scales[1][0]["a"] is flows["a"][0]
+
+
+def test_consistency_loss_is_the_plain_norm_and_ignores_pixels_whose_flow_leaves_the_frame():
+    C = 16
+    S_a = torch.zeros(1, C, 8, 8)
+    S_b = torch.full((1, C, 8, 8), 0.5)  # ||S_a - S_b||_2 = 0.5 sqrt(C) = 2 at every pixel
+    flow = torch.zeros(1, 2, 32, 32)  # the finest flow at 4x the features' grid
+    assert losses.consistency_loss(S_a, S_b, flow, 0).item() == pytest.approx(2.0, abs=1e-3)
+    # the right half of the pixels points 40 image px (10 feature px) to the right: out of the frame
+    # and not counted, while S_a there is wildly different from anything
+    S_a[..., 4:] = 100.0
+    flow[:, 0, :, 16:] = 40.0
+    assert losses.consistency_loss(S_a, S_b, flow, 0).item() == pytest.approx(2.0, abs=1e-3)
+
+
+def test_supervised_flow_loss_is_zero_at_the_truth_and_the_mean_epe_elsewhere():
+    gt = torch.randn(2, 2, 32, 32)
+    batch = {"flow_fw": gt, "flow_bw": -gt, "flow_fw_valid": torch.ones(2, 32, 32, dtype=torch.bool),
+             "flow_bw_valid": torch.ones(2, 32, 32, dtype=torch.bool)}
+    constant = torch.zeros(2, 2, 8, 8)
+    outputs = {"flow_ab": [constant + torch.tensor([3.0, 4.0]).view(1, 2, 1, 1) / 4], "flow_ba": [constant]}
+    batch["flow_fw"], batch["flow_bw"] = torch.zeros_like(gt), torch.zeros_like(gt)
+    # a constant (3, 4) image-px flow against zero truth: EPE 5 forward, 0 backward
+    assert losses.supervised_flow_loss(outputs, batch).item() == pytest.approx(5.0, abs=1e-3)

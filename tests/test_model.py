@@ -272,3 +272,20 @@ def test_training_forward_reaches_every_parameter(name):
         # Behind the zero-initialised last fusion conv the gradient is exactly 0 at the start.
         if not n.startswith("fusion.blocks"):
             assert p.grad.abs().sum() > 0, n
+
+
+def test_matching_features_are_unit_cosines_and_find_a_shift_that_raw_features_miss():
+    torch.manual_seed(0)
+    # non-negative features with a large shared offset, as after a ReLU: raw products favour the
+    # brightest neighbour, the cosine the true match
+    S = torch.rand(1, 32, 12, 12) + 3.0
+    S[..., 6:, :] += 2.0 * torch.rand(1, 32, 6, 12)  # a brighter lower half
+    shifted = torch.roll(S, shifts=1, dims=3)  # frame b: everything moved one pixel to the right
+    m = model.matching_features(S)
+    assert torch.allclose(m.norm(dim=1), torch.ones(1, 12, 12), atol=1e-5)
+    assert torch.allclose(m.mean(1), torch.zeros(1, 12, 12), atol=1e-6)
+    d = 2
+    cosine = warp.correlation(m, model.matching_features(shifted), d, 1, normalize=False)  # (1, 25, 12, 12)
+    best = cosine[..., 3:9, 3:9].argmax(1)  # interior pixels
+    assert (best == 2 * 5 + 3).all()  # dy = 0, dx = +1 (k = iy * D + ix)
+    assert cosine.max() <= 1 + 1e-5

@@ -24,10 +24,11 @@ def world(tmp_path_factory):
 
 
 def tiny(world, out, method, *extra):
-    """Flags of a tiny run: whole 48x64 frames, batch 2, one-line logs, no worker processes."""
+    """Flags of a tiny run: whole 48x64 frames, batch 2, one-line logs, no worker processes, and no
+    PSPNet stage first (test_world_encoder covers it)."""
     return ["--method", method, "--data-root", world, "--out", str(out), "--crop", "48", "64", "--batch", "2",
             "--workers", "0", "--log-every", "1", "--val-every", "0", "--val-items", "2", "--ckpt-every", "1000",
-            *extra]
+            "--no-world-init", *extra]
 
 
 def losses_logged(out):
@@ -192,3 +193,35 @@ def test_frozen_parts_stay_exactly_as_initialised(world, tmp_path, capsys):
     frozen = [k for k in before if k.startswith(("image.", "fusion."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # running stats included
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("flow_backbone."))
+
+
+def test_world_encoder_trains_a_pspnet_once_then_uses_the_cached_one(world, tmp_path, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)  # runs/world-init/ is relative to the working directory
+    monkeypatch.setattr(train, "WORLD_INIT_ITERATIONS", 2)
+    def flags(method):
+        return [f for f in tiny(world, tmp_path / method, method, "--iterations", "1") if f != "--no-world-init"]
+
+    train.main(flags("flow"))
+    first = capsys.readouterr().out
+    encoder = Path("runs/world-init") / f"psp-resnet18-seed0-{Path(world).name}" / "ckpt.pt"
+    assert "training a PSPNet on the world first: `python train.py --method psp" in first and encoder.is_file()
+    psp = torch.load(encoder, weights_only=True)
+    flow = torch.load(tmp_path / "flow" / "ckpt.pt", weights_only=True)
+    assert psp["iteration"] == 2 and flow["config"]["init"] == [str(encoder)]
+    train.main(flags("efc"))
+    second = capsys.readouterr().out
+    assert "(cached; made by `python train.py --method psp" in second and "training a PSPNet" not in second
+    # an explicit --init, or --no-world-init, skips the stage
+    assert train.world_encoder(train.parse_args(flags("efc") + ["--init", str(encoder)]), 1, print) is None
+    assert train.world_encoder(train.parse_args(flags("efc") + ["--no-world-init"]), 1, print) is None
+
+
+def test_flow_supervised_diagnostic_lowers_the_epe_loss(world, tmp_path):
+    torch.set_num_threads(1)
+    train.main(tiny(world, tmp_path, "flow", "--flow-supervised", "--iterations", "16", "--no-augment",
+                    "--optimizer", "adam", "--lr", "1e-3", "--flow-lr-mult", "1"))
+    history = losses_logged(tmp_path)
+    assert len(history) == 16 and sum(history[-4:]) / 4 < 0.9 * sum(history[:4]) / 4, history
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "efc", "--flow-supervised"])

@@ -339,3 +339,24 @@ def test_correlation_under_bf16_autocast_matches_float32():
     assert torch.allclose(out.float(), reference, atol=0.03)
     for ours, exact in ((h1, g1), (h2, g2)):
         assert (ours - exact).norm() < 0.02 * exact.norm()
+
+
+def test_border_padding_samples_the_nearest_image_point_and_carries_no_gradient_outside():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 5, 7)
+    flow = torch.zeros(1, 2, 5, 7)
+    flow[:, 0, :, 4:] = 10.0  # the three right columns point far to the right
+    flow[:, 1, 0] = -0.25  # the top row a quarter pixel above the image
+    flow.requires_grad_(True)
+    warped, valid = backward_warp(x, flow, padding="border")
+    zeros, valid_zeros = backward_warp(x, flow, padding="zeros")
+    assert torch.equal(valid, valid_zeros) and valid[0, 0, 1:, 4:].sum() == 0 and valid[0, 0, 0].sum() == 0
+    assert torch.equal(warped[..., 1:, 4:], x[..., 1:, 6:7].expand(-1, -1, -1, 3))  # the last column
+    assert torch.equal(warped[..., 0, :4], x[..., 0, :4])  # clamped to row 0
+    assert torch.equal(warped[..., 1:, :4], zeros[..., 1:, :4]) and zeros[..., 1:, 4:].abs().sum() == 0
+    warped.sum().backward()
+    # a clamped coordinate carries no gradient; the other one still moves along the border
+    assert flow.grad[0, 0, 1:, 4:].abs().sum() == 0 and flow.grad[0, 1, 1:4, 4:].abs().sum() > 0
+    assert flow.grad[0, 1, 0].abs().sum() == 0
+    with pytest.raises(ValueError, match="padding"):
+        backward_warp(x, flow, padding="reflect")

@@ -503,3 +503,30 @@ def test_supervised_flow_loss_is_zero_at_the_truth_and_the_mean_epe_elsewhere():
     batch["flow_fw"], batch["flow_bw"] = torch.zeros_like(gt), torch.zeros_like(gt)
     # a constant (3, 4) image-px flow against zero truth: EPE 5 forward, 0 backward
     assert losses.supervised_flow_loss(outputs, batch).item() == pytest.approx(5.0, abs=1e-3)
+
+
+def test_unsupervised_loss_prefers_the_true_flow_to_a_constant_pan_per_pair(moving_world):
+    """efc_loss (flow only: L_pm + 0.5 L_sm over flow_scales) of the true flows of 96x96 crops, as if
+    the decoder had predicted them at its five grids, against each pair's own constant pan: with an
+    edge constant of 10 the pan won (the smoothness of the cars' outlines outweighed their
+    photometric gain), so a network could not be taught to see moving cars."""
+    frames = [moving_world[i] for i in range(2, 29, 4)]
+    crop = {k: torch.stack([f[k][..., 16:112, 80:176] for f in frames]) for k in ("image_a", "image_b", "flow_fw", "flow_bw")}
+    grids = [(24, 24), (12, 12), (6, 6), (3, 3), (2, 2)]
+
+    def loss(fw, bw, edge):
+        out = {"flow_ab": [warp.resize_flow(fw, g) for g in grids], "flow_ba": [warp.resize_flow(bw, g) for g in grids],
+               "occ_a": [torch.zeros(len(fw), 1, *g) for g in grids], "occ_b": [torch.zeros(len(fw), 1, *g) for g in grids],
+               "logits_a": None, "logits_b": None, "S_a": None, "S_b": None}
+        previous, losses.EDGE_WEIGHT = losses.EDGE_WEIGHT, edge
+        try:
+            return losses.efc_loss(out, crop, flow_only=True, occlusion=False)[0].item()
+        finally:
+            losses.EDGE_WEIGHT = previous
+
+    def pan(flow):  # (B, 2, h, w) -> each pair's median flow everywhere
+        return flow.flatten(2).median(2).values[..., None, None].expand_as(flow)
+
+    truth, pans = (crop["flow_fw"], crop["flow_bw"]), (pan(crop["flow_fw"]), pan(crop["flow_bw"]))
+    assert loss(*truth, losses.EDGE_WEIGHT) < 0.9 * loss(*pans, losses.EDGE_WEIGHT)
+    assert loss(*truth, 10.0) > loss(*pans, 10.0)  # the old constant: the pan wins

@@ -4,7 +4,8 @@
 
 With no other flag it trains on the synthetic world (written to ./data/synthetic if missing), on the
 CPU, with ResNet-18 backbones, in a few minutes, and ends by printing the validation numbers and
-where the checkpoint and the log are. `--recipe paper` sets each paper's published recipe:
+where the checkpoint and the log are. There, efc, flow and flow2seg start from a PSPNet trained on the
+world, made once and cached (world_encoder: the papers' ImageNet start, which cannot ship). `--recipe paper` sets each paper's published recipe:
   EFC "Implementation Details": SGD, momentum 0.9, weight decay 1e-4, base lr 0.01, poly power 0.9,
       crop 713, batch 16, 120K iterations, ten pairs per snippet (five with the labelled frame),
       loss weights of eq. (9); the PSPNet baseline and the flow branch alone use the same setting

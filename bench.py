@@ -337,9 +337,10 @@ def training_batch(method, batch, crop, classes, device, channels_last):
 def training_step(net, batch, args, optimizer, groups, device):
     """The body of train.main's loop (the learning-rate schedule, autocast, train.compute_loss,
     backward, train.py's gradient clipping, the optimiser), without its logging."""
-    train.poly_lr(optimizer, args, 0)
+    iteration = args.flow_warmup  # the first step of the paper's losses (after the flow warm-up)
+    train.poly_lr(optimizer, args, iteration)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-        total, _ = train.compute_loss(net, batch, args)
+        total, _ = train.compute_loss(net, batch, args, iteration)
     with record_function(REGION + "optimizer"):
         optimizer.zero_grad(set_to_none=True)
     total.backward()

@@ -208,6 +208,8 @@ def read_png16_rgb(path):
     if (depth, colour, interlace) != (16, 2, 0):
         raise ValueError(f"{path}: expected a non-interlaced 16-bit RGB PNG (KITTI flow), "
                          f"got bit depth {depth}, colour type {colour}, interlace {interlace}")
+    if width == 0 or height == 0:  # the PNG standard forbids it; an empty flow is no ground truth
+        raise ValueError(f"{path}: PNG of {width}x{height} pixels (width x height); a flow needs at least one")
     try:
         raw = zlib.decompress(b"".join(idat))
     except zlib.error as e:
@@ -833,6 +835,9 @@ def make_synthetic_world(out=SYNTH_DEFAULT_ROOT, num_train=40, num_val=10, size=
     files are byte-identical for the same seed whatever `workers` is. `workers` processes render
     snippets in parallel (default: every CPU core). An existing non-empty `out` is refused unless
     `overwrite`, which deletes the world's own folders and classes.json there first.
+    Interruption: the marker INCOMPLETE_MARKER is written first and removed after classes.json, the
+    last file; every reader (world_is_incomplete, _dataset_classes) refuses a world that has it.
+    The worker processes die with this one (Linux: PR_SET_PDEATHSIG), even when it is SIGKILLed.
     """
     out = Path(out)
     height, width = int(size[0]), int(size[1])
@@ -844,6 +849,9 @@ def make_synthetic_world(out=SYNTH_DEFAULT_ROOT, num_train=40, num_val=10, size=
         for name in SYNTH_FOLDERS:
             shutil.rmtree(out / name, ignore_errors=True)
         (out / "classes.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INCOMPLETE_MARKER).write_text("the synthetic world is being written; if no writer runs, it was "
+                                         "interrupted: write it again with `python data.py synth --overwrite`\n")
     jobs = []
     for split, count in (("train", num_train), ("val", num_val)):
         for index in range(count):
@@ -852,7 +860,7 @@ def make_synthetic_world(out=SYNTH_DEFAULT_ROOT, num_train=40, num_val=10, size=
                 (out / name / split / _synth_city(split, index)[0]).mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_die_with_parent) as pool:
             list(pool.map(_write_snippet, jobs))
     else:
         for job in jobs:
@@ -861,7 +869,27 @@ def make_synthetic_world(out=SYNTH_DEFAULT_ROOT, num_train=40, num_val=10, size=
             "size": [height, width], "train": num_train, "val": num_val, "seed": seed,
             "snippet_length": SNIPPET_LENGTH, "labelled_index": LABELLED_INDEX}
     (out / "classes.json").write_text(json.dumps(info, indent=1) + "\n")
+    (out / INCOMPLETE_MARKER).unlink()
     return out
+
+
+INCOMPLETE_MARKER = "WRITING_INCOMPLETE"
+
+
+def world_is_incomplete(root):
+    """True for a synthetic world whose generation did not finish (make_synthetic_world's marker)."""
+    return (Path(root) / INCOMPLETE_MARKER).exists()
+
+
+def _die_with_parent():
+    """Worker initializer: ask Linux to SIGKILL this worker when its parent dies, so that killing the
+    generator (even with SIGKILL, which it cannot catch) leaves no process writing. Elsewhere a no-op."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 # =============================================================================================
@@ -924,6 +952,10 @@ def _cityscapes_labelled(root, split, images="leftImg8bit_sequence"):
 
 def _dataset_classes(root):
     """Class names of a Cityscapes-layout root: its classes.json (the synthetic world), else Cityscapes' 19."""
+    if world_is_incomplete(root):
+        raise FileNotFoundError(f"{root}: an incomplete synthetic world (its generation was interrupted: "
+                                f"{INCOMPLETE_MARKER} is there); write it again with "
+                                f"`python data.py synth --out {root} --overwrite`")
     path = Path(root) / "classes.json"
     return tuple(json.loads(path.read_text())["names"]) if path.is_file() else CITYSCAPES_CLASSES
 

@@ -33,6 +33,7 @@ Conventions are warp.py's: flow (B, 2, H, W), u first, in pixels of its own grid
 = occluded; labels 255 = ignore; images ImageNet-normalised (data.normalize).
 """
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -62,23 +63,63 @@ FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 # =============================================================================================
 # 1. Checkpoints
 # =============================================================================================
+def checkpoint_checksum(obj):
+    """SHA-256 over every tensor of a checkpoint dict (model, optimizer, RNG states), in a fixed order
+    of their key paths, each with its dtype and shape: train.save_checkpoint stores it as
+    'checksum' and read_checkpoint verifies it, so a flipped bit anywhere in a tensor is caught."""
+    digest = hashlib.sha256()
+
+    def visit(prefix, value):
+        if torch.is_tensor(value):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{prefix}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                if not (prefix == "" and key == "checksum"):
+                    visit(f"{prefix}/{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for k, item in enumerate(value):
+                visit(f"{prefix}/{k}", item)
+
+    visit("", obj)
+    return digest.hexdigest()
+
+
+def non_finite_tensors(state):
+    """Names of the floating-point tensors of a state dict that hold NaN or inf."""
+    return [name for name, t in state.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def read_checkpoint(path, device="cpu"):
     """Read and check a train.py checkpoint -> its dict (train.py's --resume / --init use it too).
 
     The file is a dict with 'method' (one of model.METHODS), 'config' (the network's arguments,
-    the dataset and its root) and 'model' (the state dict of the unwrapped network).
+    the dataset and its root) and 'model' (the state dict of the unwrapped network); train.py's
+    also hold a 'checksum' (checkpoint_checksum), verified here. Weights or buffers that are NaN
+    or inf are refused (a run that diverged is no start for anything).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a checkpoint (a copy or a disk that failed?)")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch.load raises pickle, zip, EOF and runtime errors for broken files
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+        first_line = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first_line})") from None
     if not isinstance(checkpoint, dict) or not {"method", "config", "model"} <= set(checkpoint):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{path}: not a train.py checkpoint (expected a dict with 'method', 'config', 'model'; "
                          f"found {found})")
+    if "checksum" in checkpoint and checkpoint["checksum"] != checkpoint_checksum(checkpoint):
+        raise ValueError(f"{path}: checksum mismatch, the file is corrupted (its tensors are not what was saved)")
+    bad = non_finite_tensors(checkpoint["model"])
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weight/buffer tensors hold NaN or inf (e.g. {bad[0]}); "
+                         "the run diverged before this checkpoint")
     method, config = checkpoint["method"], checkpoint["config"]
     if method not in models.METHODS:
         raise ValueError(f"{path}: unknown method {method!r}, expected one of {', '.join(models.METHODS)}")
@@ -624,8 +665,9 @@ def evaluate_consistency(model, method, sequence, device, max_items=None, infere
         previous = ((s, i + 1), prediction_b)
     if not pairs:
         return {}
-    return {"temporal_consistency": agree / max(counted, 1),
-            "temporal_consistency_labels": agree_labels / max(counted_labels, 1), "consistency_pairs": pairs}
+    return {"temporal_consistency": agree / counted if counted else math.nan,  # NaN: no pixel compared
+            "temporal_consistency_labels": agree_labels / counted_labels if counted_labels else math.nan,
+            "consistency_pairs": pairs}
 
 
 def run_evaluation(model, config, device, max_items=None, inference=None, split=None, out=None, pictures=0,
@@ -661,6 +703,25 @@ def run_evaluation(model, config, device, max_items=None, inference=None, split=
     finally:
         model.train(was_training)
     return metrics, sets
+
+
+def check_validation_data(config, max_items=None):
+    """Read every file validate(config, max_items) will read, without a network: train.py calls it
+    before the first iteration, so that a missing, truncated or malformed validation file stops
+    the run at once with evaluate's one-line error, not after hours of training. The items are
+    those of evaluate_segmentation and evaluate_consistency (the first max_items) and of
+    evaluate_flow (spread_indices), and for Flow2Seg with a flow_dir its flow files."""
+    sets = validation_datasets(config)
+    for key in ("segmentation", "flow", "consistency"):
+        dataset = sets[key]
+        if dataset is None:
+            continue
+        indices = spread_indices(len(dataset), max_items) if key == "flow" else range(_count(dataset, max_items))
+        for index in indices:
+            item = dataset[index]
+            if key == "consistency" and config["method"] == "flow2seg" and config.get("flow_dir"):
+                _synthetic_flow_input(dataset, config["flow_dir"], int(item["snippet"]), int(item["i"]) + 1)
+    return sets
 
 
 def validate(model, config, device, max_items=None):
@@ -816,7 +877,8 @@ def run_frames(model, method, frames, out, device, palette, inference=None, flow
     has no previous frame: it gets zero flow (a static scene) unless flow_dir holds a file for it.
     With a flow network the temporal consistency of consecutive predictions is measured across
     its flow F_t->t+1, occlusion by the forward-backward check (warp.fb_occlusion). Returns
-    {'frames', and 'temporal_consistency', 'consistency_pairs' when measured}.
+    {'frames', and 'temporal_consistency', 'consistency_pairs', 'consistency_pixels' when measured;
+    the consistency is NaN when no pixel could be compared}.
     """
     if method == "flow2seg" and flow_dir is None and flow_net is None:
         raise ValueError("flow2seg needs an input flow F_t->t-1 for each frame: pass --flow-dir (flows named "
@@ -867,8 +929,9 @@ def run_frames(model, method, frames, out, device, palette, inference=None, flow
         log(f"\rframe {t + 1}/{len(frames)}", end="", flush=True)
     log("")
     result = {"frames": len(frames)}
-    if pairs:
-        result.update(temporal_consistency=agree / max(counted, 1), consistency_pairs=pairs)
+    if pairs:  # no pixel counted (every pixel occluded or leaving the frame): undefined, NaN, printed '-'
+        result.update(temporal_consistency=agree / counted if counted else math.nan, consistency_pairs=pairs,
+                      consistency_pixels=counted)
     return result
 
 

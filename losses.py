@@ -10,6 +10,9 @@ Estimation", "Optical Flow Estimation" and "Joint Learning":
            the scales both are computed on                      -> flow_scales
   eq. (8)  L_seg, cross-entropy (+ the PSPNet auxiliary loss)   -> segmentation_loss
   eq. (9)  the total, with the ablation switches of Tables 1, 2 -> efc_loss
+Not in the papers: flow_regression_loss, the EPE of the flow decoder against given flows (the
+label-free warm-up towards the correlation's soft-argmax, efc_loss(warmup=True), and the
+supervised diagnostic).
 Flow2Seg ("Motion-Aided Semantic Segmentation"), section 3.4:
   eq. (1)  L = L_image + L_fusion + 0.2 L_flow + 0.4 L_aux      -> flow2seg_loss
 
@@ -40,7 +43,7 @@ NORM_EPS = 1e-6  # sqrt(sum d^2 + eps): finite gradient at d = 0, a bias of at m
 AUX_WEIGHT = 0.4  # PSPNet's auxiliary loss (Zhao et al. 2017), also Flow2Seg's beta
 EFC_WEIGHTS = {"cons": 10.0, "occ": 0.4, "sm": 0.5}  # EFC "Implementation Details"
 FLOW2SEG_ALPHA = 0.2  # Flow2Seg eq. (1): weight of L_Flow2Seg
-TERMS = ("seg", "cons", "occ", "sm", "pm")
+TERMS = ("seg", "cons", "occ", "sm", "pm", "warmup")
 # Decoder grids smaller than this on either side get no flow loss (the paper trains every scale of
 # its 713x713 crops, whose coarsest grid is 12x12). At the quick recipe's 96x96 crop the strides
 # 16, 32 and 64 give 6x6, 3x3 and 2x2 grids: area-averaged images that small keep no texture to
@@ -261,9 +264,10 @@ def flow_scales(flows, occ, image_size):
 
 
 def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, consistency=True,
-             flow_only=False, frozen_flow=False):
+             flow_only=False, frozen_flow=False, warmup=False):
     """EFC eq. (9) on one pair: returns (total, terms), terms the unweighted L_seg, L_cons, L_occ,
-    L_sm, L_pm as detached tensors ('seg', 'cons', 'occ', 'sm', 'pm'; a dropped term is 0).
+    L_sm, L_pm and the warm-up term as detached tensors ('seg', 'cons', 'occ', 'sm', 'pm',
+    'warmup'; a dropped term is 0).
 
     outputs: EFCNet.forward_pair's dict (see model.py); batch: 'image_a', 'image_b' (B, 3, H, W)
     ImageNet-normalised, 'label_a', 'label_b' (B, H, W) int64 (all 255 for an unlabelled frame).
@@ -278,11 +282,23 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
       flow_only=True     Table 2 "UL" (with occlusion: "UL + OE"): L = L_pm + 0.5 L_sm (+ 0.4 L_occ);
                          no segmentation, so no L_seg, L_cons or O_error (logits may be None)
       frozen_flow=True   Table 1 "TCC_fix": no L_pm, L_sm, L_occ; L_cons uses a detached flow
+    warmup=True (not in the paper; train.py --flow-warmup): the flow terms L_pm, L_sm, L_occ and
+    L_cons are replaced by flow_regression_loss against the correlation's own soft-argmax flow
+    (outputs 'match_ab', 'match_ba', from forward_pair(..., warmup=True)); L_seg stays. Why: from a
+    decoder that does not yet read its cost volume, the photometric gradient at a pixel is nearly
+    orthogonal to the way to the truth (cosine 0.03 at the input resolution, 0.2 at stride 8), so
+    the only part of it that agrees across pixels and pairs is a mean flow: every unsupervised run
+    settled on the best constant flow. The matching flow is a label-free target with a per-pixel
+    direction (3.0 px EPE on the world's val pairs, zero flow 6.1) that teaches the decoder to read
+    its input; the paper's losses then refine what it reads.
     """
     if flow_only and frozen_flow:
         raise ValueError("efc_loss: flow_only trains only the flow and frozen_flow freezes it: choose one")
     if frozen_flow and not consistency:
         raise ValueError("efc_loss: frozen_flow without consistency leaves no term that uses the flow")
+    if warmup and (frozen_flow or outputs.get("match_ab") is None):
+        raise ValueError("efc_loss: warmup needs outputs with 'match_ab' / 'match_ba' "
+                         "(forward_pair(..., warmup=True)) and a flow that trains (not frozen_flow)")
     unknown = set(weights or {}) - set(EFC_WEIGHTS)
     if unknown:
         raise ValueError(f"efc_loss: unknown weights {sorted(unknown)}, expected keys of {sorted(EFC_WEIGHTS)}")
@@ -300,7 +316,12 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
     features = {"a": outputs["S_a"], "b": outputs["S_b"]}
     terms = {name: torch.zeros((), device=images["a"].device) for name in TERMS}
     use_error = error_mask and not flow_only
-    scales = [] if frozen_flow else flow_scales(flows, occ, images["a"].shape[2:])
+    scales = [] if frozen_flow or warmup else flow_scales(flows, occ, images["a"].shape[2:])
+    if warmup:
+        size = images["a"].shape[2:]
+        terms["warmup"] = flow_regression_loss(outputs, warp.resize_flow(outputs["match_ab"], size),
+                                               warp.resize_flow(outputs["match_ba"], size))
+        consistency = False
 
     for a, b in (("a", "b"), ("b", "a")):  # direction a <- b: frame b warped onto frame a by F_a->b
         for flow, O in scales:
@@ -324,26 +345,31 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
         terms["seg"] = segmentation_loss(torch.cat((logits["a"], logits["b"])), labels, aux)
     # EFC eq. (9): L = L_seg + lambda_cons L_cons + lambda_occ L_occ + lambda_sm L_sm + L_pm
     total = (terms["seg"] + lam["cons"] * terms["cons"] + lam["occ"] * terms["occ"]
-             + lam["sm"] * terms["sm"] + terms["pm"])
+             + lam["sm"] * terms["sm"] + terms["pm"] + terms["warmup"])
     return total, {name: value.detach() for name, value in terms.items()}
 
 
-def supervised_flow_loss(outputs, batch):
-    """A diagnostic, in no paper (train.py --flow-supervised): the mean end-point error of the flow
-    decoder against the true flow, to tell what the decoder can learn from what the unsupervised
-    losses teach it. outputs: EFCNet.forward_pair's dict; batch: SyntheticSequence items with
-    'flow_fw' = F_a->b, 'flow_bw' = F_b->a (B, 2, H, W) and their '_valid' masks (B, H, W).
-    Every decoder grid of at least MIN_GRID pixels is upsampled to the input resolution (values
-    rescaled) and compared there; grids weigh equally, and the two directions are summed.
+def flow_regression_loss(outputs, target_ab, target_ba, valid_ab=None, valid_ba=None):
+    """Mean end-point error (input pixels) of the flow decoder against given flows; in no paper.
+    Two uses in train.py:
+      --flow-warmup        targets = the correlation's own soft-argmax flow ('match_ab', 'match_ba'
+                           of EFCNet.forward_pair, upsampled): label-free, before the paper's losses;
+      --flow-supervised    targets = the world's true flow: a diagnostic that tells what the decoder
+                           can learn from what the unsupervised losses teach it.
+    outputs: EFCNet.forward_pair's dict; target_ab = F_a->b, target_ba = F_b->a (B, 2, H, W) at the
+    input resolution; valid_* (B, H, W) 0/1 or None (all valid). Every decoder grid of at least
+    MIN_GRID pixels is upsampled to (H, W) (values rescaled) and compared there; grids weigh
+    equally, the two directions are summed.
     """
     total = 0
-    for key, truth in (("flow_ab", "flow_fw"), ("flow_ba", "flow_bw")):
-        gt, valid = batch[truth].float(), batch[truth + "_valid"][:, None]  # (B, 2, H, W), (B, 1, H, W)
+    for key, target, valid in (("flow_ab", target_ab, valid_ab), ("flow_ba", target_ba, valid_ba)):
+        gt = target.float()  # (B, 2, H, W)
+        mask = None if valid is None else valid[:, None]  # (B, 1, H, W)
         grids = [f for f in outputs[key] if min(f.shape[2:]) >= MIN_GRID]
         for flow in grids:
             flow = warp.resize_flow(flow, gt.shape[2:])  # (B, 2, H, W) image pixels
-            epe = torch.sqrt((flow - gt).pow(2).sum(1, keepdim=True) + NORM_EPS)  # (B, 1, H, W) px
-            total = total + masked_mean(epe, valid) / len(grids)
+            epe = torch.sqrt((flow - gt).pow(2).sum(1, keepdim=True) + NORM_EPS)  # (B, 1, H, W)
+            total = total + masked_mean(epe, mask) / len(grids)
     return total
 
 

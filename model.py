@@ -10,6 +10,8 @@ Covers
                 PSP head, flow decoder on the features of both frames -> EFCNet
   EFC "Implementation Details": FlowNetS modified to share the encoder, with a FlowNetC correlation
                 and two 3x3 occlusion convs (32, 1 channels)     -> FlowDecoder
+  Not in the papers: the cost volume's own flow estimate, the target of the flow warm-up
+                (train.py --flow-warmup)                          -> soft_argmax_flow, FlowDecoder.matching_flow
   `summary` and the command line (`python model.py --net efc --backbone resnet101 --size 713 713`)
   print parameters and FLOPs per module.
 
@@ -355,6 +357,32 @@ def matching_features(S):
     return S / S.norm(dim=1, keepdim=True).clamp(min=1e-6)
 
 
+# Soft-argmax temperature of the matching flow (on cosines in [-1, 1]) and its 3x3 box smoothing.
+# Measured on 40 val pairs of the world (world-trained ResNet-18, +-4 cells at stride 1; zero flow:
+# 6.08 px): per-pixel argmax 3.76 px; soft-argmax at T = 0.3 / 0.1 / 0.05 / 0.02: 6.57 / 4.86 /
+# 3.63 / 3.28 px, with the 3x3 smoothing 6.24 / 4.51 / 3.40 / 3.04 px.
+MATCH_TEMPERATURE = 0.02
+
+
+def soft_argmax_flow(corr, max_displacement, stride, temperature=MATCH_TEMPERATURE):
+    """The flow a cost volume itself votes for: (B, D*D, h, w) cosine correlations, channels in
+    warp.correlation's order (dy major, dx minor, each from -max_displacement to +max_displacement
+    in steps of stride) -> (B, 2, h, w), u first, in pixels of the correlation's grid: the
+    softmax(corr / T)-weighted mean displacement, then a 3x3 box mean (replicate border) that
+    averages out single-cell mistakes. No parameters and no labels: classical block matching.
+    """
+    d = torch.arange(-max_displacement, max_displacement + 1, stride, dtype=corr.dtype, device=corr.device)
+    D = len(d)
+    if corr.shape[1] != D * D:
+        raise ValueError(f"soft_argmax_flow: corr has {corr.shape[1]} channels, expected {D * D} for "
+                         f"max_displacement {max_displacement} and stride {stride}")
+    p = (corr / temperature).softmax(1).view(corr.shape[0], D, D, *corr.shape[2:])  # (B, dy, dx, h, w)
+    u = (p.sum(1) * d.view(1, D, 1, 1)).sum(1)  # (B, h, w), marginal over dy, mean dx
+    v = (p.sum(2) * d.view(1, D, 1, 1)).sum(1)  # (B, h, w), marginal over dx, mean dy
+    flow = torch.stack([u, v], 1)  # (B, 2, h, w)
+    return F.avg_pool2d(F.pad(flow, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+
+
 class FlowDecoder(nn.Module):
     """Flow and occlusion of the first frame towards the second, from shared-encoder features.
 
@@ -406,13 +434,23 @@ class FlowDecoder(nn.Module):
             nn.init.normal_(conv.weight, std=1e-3)
             nn.init.zeros_(conv.bias)
 
+    def correlate(self, S1, S2):
+        """FlowNetC correlation (kernel 1) of matching_features: (B, D^2, h, w), each channel the
+        cosine similarity of S1 at p and S2 at p + displacement (stride-8 feature pixels)."""
+        return warp.correlation(matching_features(S1), matching_features(S2), self.max_displacement, self.stride,
+                                normalize=False)
+
+    @torch.no_grad()
+    def matching_flow(self, S1, S2):
+        """The correlation's own flow estimate F_1->2 (soft_argmax_flow), (B, 2, h, w) in pixels of
+        the feature grid, no gradient: the label-free target of the warm-up (train.py --flow-warmup)."""
+        return soft_argmax_flow(self.correlate(S1.float(), S2.float()), self.max_displacement, self.stride)
+
     def forward(self, S1, S2, f4, image_size):
         # FlowNetC correlation (kernel 1) on the stride-8 features: D^2 channels, displacements up to
         # max_displacement feature pixels = 8x that many image pixels. It correlates matching_features,
         # so each channel is a cosine similarity in [-1, 1] (FlowNetC: raw features / C).
-        corr = warp.correlation(matching_features(S1), matching_features(S2), self.max_displacement, self.stride,
-                                normalize=False)
-        corr = F.leaky_relu(corr, 0.1)  # (B, D^2, H/8, W/8)
+        corr = F.leaky_relu(self.correlate(S1, S2), 0.1)  # (B, D^2, H/8, W/8)
         x3 = self.conv3_1(torch.cat([corr, self.redirect(S1)], 1))  # (B, 256, H/8, W/8)
         x4 = self.conv4_1(self.conv4(x3))  # (B, 512, H/16, W/16)
         x5 = self.conv5_1(self.conv5(x4))  # (B, 512, H/32, W/32)
@@ -453,19 +491,23 @@ class EFCNet(nn.Module):
         self.seg = PSPNet(num_classes, backbone)
         self.flow = FlowDecoder(self.seg.enc_channels, self.seg.skip_channels, max_displacement, corr_stride)
 
-    def forward(self, image, image_b=None, segment=True):
+    def forward(self, image, image_b=None, segment=True, warmup=False):
         if image_b is None:
             return self.seg(image)
-        return self.forward_pair(image, image_b, segment)
+        return self.forward_pair(image, image_b, segment, warmup)
 
-    def forward_pair(self, image_a, image_b, segment=True):
+    def forward_pair(self, image_a, image_b, segment=True, warmup=False):
         """Everything the EFC losses need for a pair of normalised images (a, b), (B, 3, H, W) each:
           'logits_a', 'logits_b'  (B, K, H, W); 'aux_a', 'aux_b' the same in training mode, else None
           'S_a', 'S_b'            (B, C_S, H/8, W/8) shared-encoder (layer3) features
           'flow_ab', 'flow_ba'    5 x (B, 2, h_l, w_l), strides 4, 8, 16, 32, 64, pixels of own grid
           'occ_a', 'occ_b'        5 x (B, 1, h_l, w_l) O_est; occ_a: pixels of a with no match in b
                                   (from the run that gave flow_ab), occ_b likewise from flow_ba's run
-        segment=False (flow-only training) skips layer4 and the PSP heads: logits and aux are None."""
+        segment=False (flow-only training) skips layer4 and the PSP heads: logits and aux are None.
+        warmup=True (train.py --flow-warmup) adds 'match_ab', 'match_ba' (B, 2, H/8, W/8), the
+        FlowDecoder.matching_flow of the pair in feature pixels (the warm-up's targets, no
+        gradient), and the decoder reads detached features: the warm-up teaches the decoder to read
+        the encoder, it must not move the encoder, whose features make the targets."""
         if image_a.shape != image_b.shape:
             raise ValueError(f"image_a {tuple(image_a.shape)} and image_b {tuple(image_b.shape)} "
                              "must have equal shapes")
@@ -474,11 +516,17 @@ class EFCNet(nn.Module):
         S_a, S_b = S[:B], S[B:]
         # One decoder run on the batch of pairs [(a, b); (b, a)]: the same weights give F_a->b
         # (first half) and F_b->a (second half). The first frames are [a; b] = S and f4 as they are.
-        flows, occlusions = self.flow(S, torch.cat([S_b, S_a]), f4, size)
+        S1, S2, skip = S, torch.cat([S_b, S_a]), f4
+        if warmup:
+            S1, S2, skip = S1.detach(), S2.detach(), skip.detach()
+        flows, occlusions = self.flow(S1, S2, skip, size)
         out = {"S_a": S_a, "S_b": S_b,
                "flow_ab": [f[:B] for f in flows], "flow_ba": [f[B:] for f in flows],
                "occ_a": [o[:B] for o in occlusions], "occ_b": [o[B:] for o in occlusions],
                "logits_a": None, "logits_b": None, "aux_a": None, "aux_b": None}
+        if warmup:
+            matches = self.flow.matching_flow(S1, S2)  # (2B, 2, H/8, W/8)
+            out["match_ab"], out["match_ba"] = matches[:B], matches[B:]
         if segment:
             seg = self.seg.decode(S, size)  # logits (2B, K, H, W); aux likewise or None
             out["logits_a"], out["logits_b"] = seg["logits"][:B], seg["logits"][B:]

@@ -325,7 +325,7 @@ def run_variant(name, seed, settings, paths, device, log, use_cache=True):
         resumed = not finished
     t0 = time.time()
     if not finished:
-        argv = args + (["--resume", str(checkpoint)] if resumed else [])
+        argv = args + (["--resume", str(checkpoint)] if resumed else ["--overwrite"])  # the folder is this run's
         log(f"{name} seed {seed}: python train.py {' '.join(argv)}")
         with open(run_dir / "train.out", "a") as out:
             code = subprocess.call([sys.executable, str(Path(__file__).with_name("train.py")), *argv],

@@ -5,7 +5,9 @@
 With no other flag it trains on the synthetic world (written to ./data/synthetic if missing), on the
 CPU, with ResNet-18 backbones, in a few minutes, and ends by printing the validation numbers and
 where the checkpoint and the log are. There, efc, flow and flow2seg start from a PSPNet trained on the
-world, made once and cached (world_encoder: the papers' ImageNet start, which cannot ship). `--recipe paper` sets each paper's published recipe:
+world, made once and cached (world_encoder: the papers' ImageNet start, which cannot ship), and efc and
+flow first warm their flow decoder up towards its cost volume's own soft-argmax (--flow-warmup, label-free;
+losses.efc_loss explains why). `--recipe paper` sets each paper's published recipe:
   EFC "Implementation Details": SGD, momentum 0.9, weight decay 1e-4, base lr 0.01, poly power 0.9,
       crop 713, batch 16, 120K iterations, ten pairs per snippet (five with the labelled frame),
       loss weights of eq. (9); the PSPNet baseline and the flow branch alone use the same setting
@@ -57,16 +59,21 @@ from model import METHODS, build_model, load_pretrained
 # than Cityscapes does at this scale: t = 5 would move the background by up to 45 px.
 QUICK = {"backbone": "resnet18", "flow_backbone": "resnet18", "crop": [96, 96], "batch": 4,
          "iterations": 200, "pairs_per_snippet": 10, "workers": 1, "val_every": 100, "val_items": 60,
-         "log_every": 10, "ckpt_every": 100, "max_displacement": 4, "corr_stride": 1, "max_gap": 2}
+         "log_every": 10, "ckpt_every": 100, "max_displacement": 4, "corr_stride": 1, "max_gap": 2,
+         "flow_warmup": 100, "flow_lr_mult": 1.0}
 PAPER_EFC = {"backbone": "resnet101", "flow_backbone": "resnet18", "optimizer": "sgd", "lr": 0.01,
              "weight_decay": 1e-4, "crop": [713, 713], "batch": 16, "iterations": 120_000,
              "pairs_per_snippet": 10, "workers": 8, "val_every": 5000, "val_items": None, "log_every": 50,
-             "ckpt_every": 2000, "max_displacement": 20, "corr_stride": 2, "max_gap": 5}
+             "ckpt_every": 2000, "max_displacement": 20, "corr_stride": 2, "max_gap": 5, "flow_warmup": 0,
+             "flow_lr_mult": 0.1}
 PAPER_FLOW2SEG = {**PAPER_EFC, "optimizer": "adam", "lr": 2e-5, "crop": [832, 832], "batch": 8,
                   "iterations": 100_000}
 OPTIMIZER = {  # quick recipe: the papers' optimisers
-    "psp": ("sgd", 0.01), "efc": ("sgd", 0.01), "flow": ("sgd", 0.01), "flow2seg": ("adam", 2e-5 * 10),
+    "psp": ("sgd", 0.01), "efc": ("adam", 1e-4), "flow": ("adam", 1e-4), "flow2seg": ("adam", 2e-5 * 10),
 }
+# EFC and its flow branch use Adam 1e-4 in the quick recipe, the flow decoder at the same lr
+# (flow_lr_mult 1): with EFC's SGD (lr 0.01, decoder x 0.1) the warm-up did not teach the decoder to
+# read its cost volume within 200 iterations (val EPE 6.15 px, zero flow 6.09); with Adam 1e-4, 4.02.
 # On the synthetic world from scratch, 2e-5 (a fine-tuning rate for ImageNet-initialised networks)
 # learns little in 200 iterations; the quick recipe uses 2e-4. The paper recipe keeps 2e-5.
 
@@ -88,6 +95,7 @@ ABLATIONS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False,  # explicit_flags reads the command line by full names
                                 epilog="Unset flags take the recipe's value (see the docstring of train.py and the README).")
     p.add_argument("--method", required=True, choices=METHODS,
                    help="psp: image-only PSPNet; flow2seg: Flow2Seg; efc: EFC; flow: EFC's flow branch alone (Table 2 'UL')")
@@ -124,8 +132,9 @@ def parse_args(argv=None):
     g.add_argument("--init", metavar="CHECKPOINT", action="append", default=[],
                    help="initialise from a checkpoint of this project (repeatable): psp -> flow2seg's image path or "
                         "efc's segmentation branch; flow -> efc; same method -> everything")
-    g.add_argument("--freeze", default="", help="comma-separated parameter-name prefixes to freeze, e.g. 'image' "
-                                                "(Flow2Seg's image path) or 'flow' (EFC's flow decoder)")
+    g.add_argument("--freeze", help="comma-separated parameter-name prefixes to freeze, e.g. 'image' (Flow2Seg's "
+                                    "image path) or 'flow' (EFC's flow decoder); 'none' freezes nothing (quick "
+                                    "recipe: 'seg', the world-trained encoder, for --method flow; else none)")
     g.add_argument("--flow2seg-stage", choices=["joint", "flow-path"], default="joint",
                    help="flow-path: train Flow2Seg's flow path alone (loss L_Flow2Seg, the rest frozen); "
                         "joint: all of eq. (1)")
@@ -140,20 +149,27 @@ def parse_args(argv=None):
     g.add_argument("--optimizer", choices=["sgd", "adam"], help="sgd (momentum 0.9) or adam (EFC: sgd; Flow2Seg: adam)")
     g.add_argument("--lr", type=float, help="base learning rate, decayed by (1 - it/iterations)^0.9")
     g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--flow-lr-mult", type=float, default=0.1,
-                   help="lr multiplier of EFC's flow decoder (see the README: at the full lr, SGD moves an untrained "
-                        "decoder's flow by hundreds of pixels in one step)")
+    g.add_argument("--flow-lr-mult", type=float,
+                   help="lr multiplier of EFC's flow decoder (paper recipe 0.1, see the README: at the full lr, SGD "
+                        "moves an untrained decoder's flow by hundreds of pixels in one step; quick recipe, Adam: 1)")
     g.add_argument("--clip-grad", type=float,
                    help="clip the gradient norm (0: off); default 10 for efc and flow (their flow decoder), else off")
     g.add_argument("--cons-weight", type=float, default=losses.EFC_WEIGHTS["cons"], help="EFC lambda_cons")
     g.add_argument("--occ-weight", type=float, default=losses.EFC_WEIGHTS["occ"], help="EFC lambda_occ")
     g.add_argument("--sm-weight", type=float, default=losses.EFC_WEIGHTS["sm"], help="EFC lambda_sm")
+    g.add_argument("--flow-warmup", type=int, metavar="N",
+                   help="efc / flow: the first N iterations train the flow decoder towards its correlation's own "
+                        "soft-argmax flow (label-free; not in the paper) before the paper's flow losses take over "
+                        "(quick: 100; paper: 0; see losses.efc_loss)")
     g.add_argument("--flow-supervised", action="store_true",
                    help="diagnostic (--method flow, synthetic world): train the same flow decoder on the true flow "
                         "(EPE) instead of the unsupervised losses, to tell the decoder's capacity from the losses'")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default runs/METHOD)")
     g.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly where its checkpoint stopped")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out folder that already holds a run (its ckpt.pt, best.pt and "
+                        "log.jsonl are replaced); without it such a folder is refused")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (photometric-family losses stay float32)")
@@ -168,14 +184,22 @@ def parse_args(argv=None):
                         "time limit; --resume continues as if never stopped")
     args = p.parse_args(argv)
 
+    explicit_warmup = args.flow_warmup is not None
     recipe = dict(QUICK)
     if args.recipe == "paper":
         recipe = dict(PAPER_FLOW2SEG if args.method == "flow2seg" else PAPER_EFC)
     else:
         recipe["optimizer"], recipe["lr"] = OPTIMIZER[args.method]
+    # The flow branch alone (quick recipe) keeps the world-trained encoder fixed: with no L_seg, the
+    # photometric loss alone moved the features its correlation matches, and its flow drifted after
+    # the warm-up (val EPE 3.61 px at 300 iterations, 4.44 at 400, F(a, a) growing); with the
+    # encoder frozen it kept improving (4.67, 4.02, 3.41 at 200, 300, 400). EFC keeps L_seg.
+    recipe["freeze"] = "seg" if args.recipe == "quick" and args.method == "flow" else ""
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.freeze == "none":
+        args.freeze = ""
     if args.clip_grad is None:
         args.clip_grad = 10.0 if args.method in ("efc", "flow") else 0.0
     if args.ablation:
@@ -190,6 +214,11 @@ def parse_args(argv=None):
         args.data_root = data.SYNTH_DEFAULT_ROOT
     if args.dataset == "kitti" and args.method != "flow":
         p.error("--dataset kitti has no segmentation labels: use it with --method flow")
+    trains_flow = args.method in ("efc", "flow") and not args.flow_supervised and args.ablation != "tcc-fix"
+    if args.flow_warmup < 0 or (args.flow_warmup and not trains_flow and explicit_warmup):
+        p.error("--flow-warmup N (N >= 0) warms up the unsupervised flow of --method efc / flow (not tcc-fix)")
+    if not trains_flow:
+        args.flow_warmup = 0  # the recipe's value applies only where the unsupervised flow trains
     if args.flow_supervised and (args.method != "flow" or args.dataset != "synthetic" or args.ablation):
         p.error("--flow-supervised trains --method flow on the synthetic world's true flow (no --ablation)")
     if args.method == "flow2seg" and args.dataset not in ("synthetic", "cityscapes"):
@@ -198,8 +227,42 @@ def parse_args(argv=None):
         p.error("give --flow-dir or --flow-from, not both")
     if (args.flow_dir or args.flow_from) and args.method != "flow2seg":
         p.error("--flow-dir / --flow-from are Flow2Seg's flow input: use them with --method flow2seg")
+    if args.resume:
+        resume_settings(p, args, sys.argv[1:] if argv is None else argv)
     args.out = args.out or os.path.join("runs", args.method if not args.ablation else f"efc-{args.ablation}")
     return args
+
+
+# Flags that may differ between a run and its --resume: where and how it runs, not what it computes.
+RESUME_FREE = {"resume", "overwrite", "stop_after", "device", "workers", "log_every", "val_every", "val_items",
+               "ckpt_every", "amp", "channels_last", "compile", "out", "method"}
+
+
+def explicit_flags(parser, argv):
+    """The dests of the options given on the command line `argv` (full names; allow_abbrev is off)."""
+    names = {option: action.dest for action in parser._actions for option in action.option_strings}
+    return {names[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in names}
+
+
+def resume_settings(parser, args, argv):
+    """--resume continues the run as it was: every setting comes from the checkpoint's config; a flag
+    on the command line that contradicts it is refused (it would change the run, e.g. its lr curve),
+    except RESUME_FREE's. --out defaults to the run's own folder; --method must be the run's."""
+    checkpoint = read_checkpoint(args.resume)
+    if checkpoint["method"] != args.method:
+        raise SystemExit(f"--resume {args.resume}: a {checkpoint['method']} checkpoint, not {args.method}")
+    config = checkpoint["config"]
+    given = explicit_flags(parser, argv)
+    for key, value in config.items():
+        if not hasattr(args, key) or key in RESUME_FREE:
+            continue
+        if key in given and getattr(args, key) != value:
+            flag = "--" + key.replace("_", "-")
+            parser.error(f"{flag} {getattr(args, key)} contradicts the run being resumed ({args.resume} has "
+                         f"{value}); drop the flag to continue that run, or start a new one")
+        setattr(args, key, value)
+    if "out" not in given:
+        args.out = config.get("out", args.out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,16 +394,20 @@ def world_encoder(args, world, log):
     command = ["--method", "psp", "--backbone", args.backbone, "--data-root", str(args.data_root),
                "--seed", str(args.seed), "--iterations", str(WORLD_INIT_ITERATIONS), "--val-every", "0", "--no-world-init",
                "--out", str(folder)] + (["--device", args.device] if args.device else [])
-    printed = "python train.py " + " ".join(command)
     path = folder / "ckpt.pt"
     if path.is_file():
         ckpt = read_checkpoint(path)
         config = ckpt["config"]
         if (ckpt["method"] == "psp" and ckpt["iteration"] == WORLD_INIT_ITERATIONS
                 and config["backbone"] == args.backbone and Path(config["data_root"]).resolve() == root):
-            log(f"encoder: {path}, a PSPNet trained on the world (cached; made by `{printed}`)")
+            log(f"encoder: {path}, a PSPNet trained on the world (cached; made by `python train.py "
+                f"{' '.join(command)}`)")
             return str(path)
         log(f"encoder: {path} does not match this run (unfinished, or another backbone or world): retraining it")
+        command.append("--overwrite")
+    elif (folder / "log.jsonl").exists():  # a first attempt killed before its first checkpoint
+        command.append("--overwrite")
+    printed = "python train.py " + " ".join(command)
     if world > 1:
         raise SystemExit(f"the quick recipe starts {args.method} from a PSPNet trained on the world: run "
                          f"`{printed}` once before torchrun (or pass --no-world-init)")
@@ -452,13 +519,45 @@ def set_rng_state(state):
 def save_checkpoint(path, obj):
     """Atomic: write a temporary file in the same folder, flush it to disk, then rename over the
     target. A run killed at any moment leaves either the old checkpoint or the new one, never half
-    of one (os.replace is atomic on POSIX and Windows)."""
+    of one (os.replace is atomic on POSIX and Windows). The dict gets a 'checksum' of its tensors
+    (evaluate.checkpoint_checksum), which every reader verifies. A failed write (disk full, quota,
+    permissions) removes the temporary file and stops with one line; the old checkpoint stays."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    obj["checksum"] = evaluate.checkpoint_checksum(obj)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise SystemExit(f"could not write the checkpoint {path} ({reason}); the temporary file is removed and "
+                         f"{'the previous checkpoint is intact' if path.exists() else 'no checkpoint exists yet'}. "
+                         "Free disk space (or choose another --out) and continue with --resume") from None
+
+
+def one_line(error):
+    """The message of a data error in one line. An error raised in a DataLoader worker arrives as
+    "Caught ValueError in DataLoader worker process 0. Original Traceback ...": its last line is
+    the original "ValueError: message"."""
+    lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    last = lines[-1] if lines[0].startswith("Caught ") else lines[0]
+    return last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ": ") else last
+
+
+def truncate_log(path, iteration):
+    """On --resume: drop the records of log.jsonl after the checkpoint's `iteration` (the run repeats
+    those iterations, bitwise), so that the log reads as if the run had never stopped. Atomic."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
     os.replace(tmp, path)
 
 
@@ -510,9 +609,10 @@ def synchronise_batchnorm(net, device):
 # ---------------------------------------------------------------------------------------------
 # One step: forward, the method's loss, and its terms for the log
 # ---------------------------------------------------------------------------------------------
-def compute_loss(net, batch, args):
-    """-> (total, terms: dict of detached scalars). The forward runs under autocast when --amp;
-    losses.py keeps the photometric family in float32 inside."""
+def compute_loss(net, batch, args, iteration):
+    """-> (total, terms: dict of detached scalars) at 0-based `iteration` (which decides the flow
+    warm-up). The forward runs under autocast when --amp; losses.py keeps the photometric family in
+    float32 inside."""
     if args.method == "psp":
         out = net(batch["image"])
         total = losses.segmentation_loss(out["logits"], batch["label"], out["aux"])
@@ -524,14 +624,18 @@ def compute_loss(net, batch, args):
             total = losses.segmentation_loss(out["flow_logits"], batch["label"])
         return total, terms
     if args.flow_supervised:
-        total = losses.supervised_flow_loss(net(batch["image_a"], batch["image_b"], segment=False), batch)
+        out = net(batch["image_a"], batch["image_b"], segment=False)
+        total = losses.flow_regression_loss(out, batch["flow_fw"], batch["flow_bw"], batch["flow_fw_valid"],
+                                            batch["flow_bw_valid"])
         return total, {"epe": total.detach()}
     switches = dict(ABLATIONS[args.ablation][1]) if args.ablation else {}
     if args.method == "flow":
         switches.setdefault("flow_only", True)
-    out = net(batch["image_a"], batch["image_b"], segment=not switches.get("flow_only", False))
+    warmup = iteration < args.flow_warmup
+    out = net(batch["image_a"], batch["image_b"], segment=not switches.get("flow_only", False),
+              warmup=warmup)
     weights = {"cons": args.cons_weight, "occ": args.occ_weight, "sm": args.sm_weight}
-    return losses.efc_loss(out, batch, weights, **switches)
+    return losses.efc_loss(out, batch, weights, warmup=warmup, **switches)
 
 
 def peak_memory_mb(device):
@@ -561,17 +665,31 @@ def main(argv=None):
             print(message, flush=True)
 
     # Data. The synthetic world is written once, by rank 0, the others wait.
-    if args.dataset == "synthetic" and not Path(args.data_root).is_dir():
+    incomplete = args.dataset == "synthetic" and data.world_is_incomplete(args.data_root)
+    if args.dataset == "synthetic" and (not Path(args.data_root).is_dir() or incomplete):
         if is_main:
-            log(f"writing the synthetic world to {args.data_root} (python data.py synth) ...")
-            data.make_synthetic_world(args.data_root)
+            log(f"{args.data_root} is an incomplete synthetic world (interrupted): writing it again ..." if incomplete
+                else f"writing the synthetic world to {args.data_root} (python data.py synth, about 25 s) ...")
+            data.make_synthetic_world(args.data_root, overwrite=incomplete)
         if world > 1:
             dist.barrier()
     elif not Path(args.data_root).is_dir():
         raise SystemExit(f"--data-root {args.data_root}: no such folder (expected the {args.dataset} layout; "
                          "see the README's 'Data' section)")
+    # A fresh run must not replace another run's checkpoint or append to its log.
+    previous = [name for name in ("ckpt.pt", "best.pt", "log.jsonl") if (out / name).exists()]
+    if previous and not args.resume and not args.overwrite:
+        raise SystemExit(f"--out {out} already holds a run ({', '.join(previous)}): continue it with "
+                         f"--resume {out / 'ckpt.pt'}, or start again there with --overwrite")
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume continues a run and --overwrite starts one afresh: choose one")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            for name in previous:
+                (out / name).unlink()
+        if args.resume:
+            truncate_log(out / "log.jsonl", read_checkpoint(args.resume)["iteration"])
     if args.flow_from:
         args.flow_dir = str(out / "flows")
         if is_main:
@@ -610,10 +728,12 @@ def main(argv=None):
         set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
     bare = net  # the unwrapped network: checkpoints, validation
     if world > 1:
-        # The flow branch alone leaves the segmentation decoder unused; frozen parts have no grads.
-        unused = args.method == "flow" or (args.ablation and ABLATIONS[args.ablation][1].get("flow_only"))
+        # EFC's parameters that some steps leave without a gradient: the segmentation decoder in the
+        # flow branch alone, the occlusion heads without occlusion (tcc-single, ul, ul-tc) and during
+        # the flow warm-up. DDP must be told, or it waits for their gradients and fails.
+        unused = args.method in ("efc", "flow")
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=bool(unused))
+                                      find_unused_parameters=unused)
     model = torch.compile(net) if args.compile else net
 
     sampler = GlobalBatches(len(train_set), args.batch, world, rank, args.seed, start)
@@ -623,6 +743,11 @@ def main(argv=None):
                         worker_init_fn=data.worker_init_fn, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(args.seed))
     config = {k: v for k, v in vars(args).items()}
+    if is_main:  # every validation file, read once now: a broken one must not wait for the first validation
+        try:
+            evaluate.check_validation_data(config, args.val_items)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"validation data: {one_line(error)}") from None
     log(f"{args.method}{' (' + args.ablation + ')' if args.ablation else ''} on {args.dataset} ({args.data_root}): "
         f"{len(train_set)} training items, {args.num_classes} classes, {args.backbone}, crop {args.crop[0]}x"
         f"{args.crop[1]}, batch {args.batch} on {world} process(es), {args.iterations} iterations, "
@@ -635,8 +760,13 @@ def main(argv=None):
             dist.all_gather_object(rngs, state)
         else:
             rngs = [state]
+        weights = bare.state_dict()
+        bad = evaluate.non_finite_tensors(weights)
+        if bad:  # e.g. BatchNorm statistics of a forward pass that overflowed: never save them
+            raise SystemExit(f"iteration {iteration}: {len(bad)} weight/buffer tensors hold NaN or inf (e.g. {bad[0]}); "
+                             f"stopping without saving. The last checkpoint in {out} is intact")
         if is_main:
-            obj = {"method": args.method, "config": config, "model": bare.state_dict(),
+            obj = {"method": args.method, "config": config, "model": weights,
                    "optimizer": optimizer.state_dict(), "iteration": iteration, "best": best, "rng": rngs,
                    "metrics": metrics}
             save_checkpoint(out / "ckpt.pt", obj)
@@ -667,13 +797,18 @@ def main(argv=None):
     t0, seen, step_time = time.time(), 0, time.time()
     end = args.iterations if args.stop_after is None else min(args.iterations, start + args.stop_after)
     for iteration in range(start, end):
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(iterator).items()}
+        try:
+            items = next(iterator)
+        except (OSError, ValueError) as error:  # also raised again here from a DataLoader worker
+            raise SystemExit(f"training data, iteration {iteration + 1}: {one_line(error)}; the last checkpoint "
+                             f"in {out} is intact") from None
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in items.items()}
         if args.channels_last:
             batch = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
                      for k, v in batch.items()}
         lr = poly_lr(optimizer, args, iteration)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            total, terms = compute_loss(model, batch, args)
+            total, terms = compute_loss(model, batch, args, iteration)
         # The loss and its terms, averaged over processes: every process sees the same numbers and so
         # takes the same decision below (a process stopping alone would leave the others waiting).
         names = sorted(terms)
@@ -685,9 +820,9 @@ def main(argv=None):
             bad = ["total"] + names
             culprit = next(bad[k] for k in range(1, len(bad)) if not torch.isfinite(values[k])) \
                 if not torch.isfinite(values[1:]).all() else "total"
-            raise SystemExit(f"iteration {iteration}: loss term '{culprit}' is not finite ({values.tolist()}); "
+            raise SystemExit(f"iteration {iteration + 1}: loss term '{culprit}' is not finite ({values.tolist()}); "
                              f"stopping. The last checkpoint, {out / 'ckpt.pt'}, is from before this iteration "
-                             "and intact.")
+                             "and was checked finite when saved.")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if args.clip_grad:
@@ -709,16 +844,20 @@ def main(argv=None):
             seen, step_time = 0, time.time()
         final = done == args.iterations
         metrics, is_best, paused = None, False, time.time()
-        if final or (args.val_every and done % args.val_every == 0):
+        validating = final or (args.val_every and done % args.val_every == 0)
+        if validating or done % args.ckpt_every == 0 or done == end:
+            obj = checkpoint(done)  # before validating: a failure there loses no training
+        if validating:
             metrics, is_best = validation(done)
             if world > 1:
                 dist.barrier()
             net.train()
             train_mode(bare, args)
-        if final or is_best or done % args.ckpt_every == 0 or done == end:
-            obj = checkpoint(done, metrics)
-            if is_main and is_best:
-                save_checkpoint(out / "best.pt", obj)
+            if is_main:  # the same checkpoint, now with its validation numbers
+                obj["metrics"] = metrics
+                save_checkpoint(out / "ckpt.pt", obj)
+                if is_best:
+                    save_checkpoint(out / "best.pt", obj)
         step_time += time.time() - paused  # images/s and ETA count training time only
     if is_main and end < args.iterations:
         log(f"stopped after iteration {end} (--stop-after); continue with --resume {out / 'ckpt.pt'}")

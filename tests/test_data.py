@@ -3,6 +3,11 @@
 One tiny synthetic world (2 train + 1 val snippets of 48 x 64) is generated once for the module.
 """
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +20,8 @@ from data import (CAR_MOVING, CAR_PARKED, CITYSCAPES_LABEL_TO_TRAIN, LABELLED_IN
                   CamVid, CityscapesFlow2Seg, CityscapesImages, CityscapesPairs, JointTransform, KittiFlow,
                   SyntheticSequence, denormalize, make_synthetic_world, read_kitti_flow, write_flo, write_kitti_flow)
 from warp import backward_warp
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SIZE = (48, 64)
 
@@ -55,6 +62,48 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(world, t
     rewritten = sorted(p.relative_to(other) for p in other.rglob("*.png"))
     assert len(rewritten) == 2 * SNIPPET_LENGTH + 1 + 3 * (SNIPPET_LENGTH - 1)
     assert all((other / name).read_bytes() == (world / name).read_bytes() for name in rewritten)
+
+
+def test_an_interrupted_world_is_refused_and_its_writers_die_with_the_generator(tmp_path, monkeypatch):
+    real, written = data._write_snippet, []
+
+    def crash_on_the_second(job):
+        if written:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of writing
+        written.append(real(job))
+
+    monkeypatch.setattr(data, "_write_snippet", crash_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic_world(tmp_path / "half", num_train=2, num_val=1, size=SIZE, seed=3, workers=1)
+    assert data.world_is_incomplete(tmp_path / "half")
+    for dataset in (data.CityscapesPairs, data.SyntheticSequence):
+        with pytest.raises(FileNotFoundError, match="half: an incomplete synthetic world .*--overwrite"):
+            dataset(tmp_path / "half", "train")
+    monkeypatch.undo()
+    make_synthetic_world(tmp_path / "half", num_train=1, num_val=1, size=SIZE, seed=3, workers=1, overwrite=True)
+    assert not data.world_is_incomplete(tmp_path / "half") and len(data.SyntheticSequence(tmp_path / "half", "val")) > 0
+    # SIGKILL the command-line generator while its two workers write: no worker survives it (Linux)
+    if not os.path.isdir("/proc"):
+        return
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "data.py", "synth", "--out", str(out), "--train", "40", "--val", "0",
+                                "--workers", "2"], cwd=ROOT)
+    deadline = time.time() + 60
+    while not list(out.glob("leftImg8bit_sequence/train/*/*.png")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    time.sleep(1.0)
+    survivors = [p for p in os.listdir("/proc") if p.isdigit() and str(out) in _cmdline(p)]  # workers: same cmdline
+    assert not survivors
+    assert data.world_is_incomplete(out)
+
+
+def _cmdline(pid):
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_world_layout_only_the_twentieth_frame_in_gtfine(world):

@@ -15,6 +15,7 @@ from PIL import Image
 import data
 import evaluate
 import model
+import train
 
 SIZE = (48, 64)
 K = 9  # the synthetic world's classes
@@ -44,8 +45,8 @@ def save_checkpoint(path, method, root, num_classes=K, dataset="synthetic"):
     """A checkpoint in train.py's format, as train.py writes it (plus a key evaluate.py must ignore)."""
     torch.manual_seed(0)
     net = model.build_model(method, num_classes, "resnet18", "resnet18", 20, 2)
-    torch.save({"method": method, "config": config_for(method, root, num_classes, dataset),
-                "model": net.state_dict(), "iteration": 7, "optimizer": {}}, path)
+    train.save_checkpoint(path, {"method": method, "config": config_for(method, root, num_classes, dataset),
+                                 "model": net.state_dict(), "iteration": 7, "optimizer": {}})
     return path
 
 
@@ -265,6 +266,28 @@ def test_load_checkpoint_errors_name_the_file(tmp_path, world, checkpoints):
                 "model": torch.load(checkpoints["psp"], weights_only=True)["model"]}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="wrong.pt: the weights do not fit a psp network"):
         evaluate.load_checkpoint(tmp_path / "wrong.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt: empty file \(0 bytes\)"):
+        evaluate.load_checkpoint(tmp_path / "empty.pt")
+
+
+def test_a_corrupted_or_diverged_checkpoint_is_refused(tmp_path, checkpoints):
+    saved = torch.load(checkpoints["psp"], weights_only=True)
+    assert saved["checksum"] == evaluate.checkpoint_checksum(saved)  # train.py stored it
+    name = next(k for k, v in saved["model"].items() if v.is_floating_point() and v.numel() >= 2000)
+    flipped = saved["model"][name].clone()
+    words = flipped.view(-1).view(torch.int32)
+    words[:1000] ^= 1 << 3  # 1000 words with one low mantissa bit flipped: values barely move
+    corrupted = dict(saved, model=dict(saved["model"], **{name: flipped}))
+    torch.save(corrupted, tmp_path / "corrupted.pt")
+    with pytest.raises(ValueError, match="corrupted.pt: checksum mismatch"):
+        evaluate.load_checkpoint(tmp_path / "corrupted.pt")
+    nan = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in saved["model"].items()}
+    diverged = dict(saved, model=nan)
+    diverged["checksum"] = evaluate.checkpoint_checksum(diverged)
+    torch.save(diverged, tmp_path / "diverged.pt")
+    with pytest.raises(ValueError, match="diverged.pt: .* hold NaN or inf"):
+        evaluate.load_checkpoint(tmp_path / "diverged.pt")
 
 
 # ------------------------------------------------------------------------------ validate()
@@ -423,3 +446,16 @@ def test_command_line_runs_flow2seg_on_a_folder_of_frames(tmp_path, world, check
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(checkpoints["flow2seg"]), "--frames", str(frames), "--out", str(out)])
     assert "pass --flow-dir" in capsys.readouterr().err
+
+
+def test_temporal_consistency_over_no_pixel_is_undefined_not_zero(tmp_path, world, checkpoints, capsys, monkeypatch):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for n, path in enumerate(sorted((world / "leftImg8bit_sequence" / "val").rglob("*.png"))[:2]):
+        shutil.copy(path, frames / f"frame{n}.png")
+    monkeypatch.setattr(evaluate, "consistency_counts", lambda *args: (0, 0))  # every pixel occluded
+    evaluate.main(["--checkpoint", str(checkpoints["efc"]), "--frames", str(frames), "--out", str(tmp_path / "out")])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("temporal consistency"))
+    assert row.split()[2] == "-" and "0.00" not in row
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
+    assert metrics["temporal_consistency"] is None and metrics["consistency_pixels"] == 0

@@ -147,6 +147,9 @@ def test_corrupted_pngs_raise_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match=message) as info:
             read_kitti_flow(tmp_path / name)
         assert name in str(info.value)
+    (tmp_path / "empty.png").write_bytes(png_with_filters(np.zeros((0, 0, 3), np.uint16), [0]))  # 0x0 pixels
+    with pytest.raises(ValueError, match="empty.png: PNG of 0x0 pixels"):
+        read_kitti_flow(tmp_path / "empty.png")
     Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "eight.png")
     with pytest.raises(ValueError, match="16-bit RGB") as info:
         read_kitti_flow(tmp_path / "eight.png")

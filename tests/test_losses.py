@@ -322,8 +322,8 @@ def test_segmentation_loss_ignores_255_adds_aux_and_is_zero_without_labels():
 def test_efc_loss_total_is_the_weighted_sum_and_every_leaf_gets_a_gradient():
     outputs, batch = make_pair()
     total, terms = losses.efc_loss(outputs, batch)
-    assert set(terms) == {"seg", "cons", "occ", "sm", "pm"}
-    assert all(t.item() != 0 for t in terms.values())
+    assert set(terms) == {"seg", "cons", "occ", "sm", "pm", "warmup"}
+    assert all(t.item() != 0 for n, t in terms.items() if n != "warmup") and terms["warmup"].item() == 0
     torch.testing.assert_close(total.detach(), weighted_total(terms))
     total.backward()
     # every output gets a gradient, except the flows and occlusions of grids below MIN_GRID
@@ -496,15 +496,21 @@ def test_consistency_loss_is_the_plain_norm_and_ignores_pixels_whose_flow_leaves
     assert losses.consistency_loss(S_a, S_b, flow, 0).item() == pytest.approx(2.0, abs=1e-3)
 
 
-def test_supervised_flow_loss_is_zero_at_the_truth_and_the_mean_epe_elsewhere():
-    gt = torch.randn(2, 2, 32, 32)
-    batch = {"flow_fw": gt, "flow_bw": -gt, "flow_fw_valid": torch.ones(2, 32, 32, dtype=torch.bool),
-             "flow_bw_valid": torch.ones(2, 32, 32, dtype=torch.bool)}
+def test_flow_regression_loss_is_the_mean_epe_in_input_pixels_over_valid_pixels():
+    zero = torch.zeros(2, 2, 32, 32)
     constant = torch.zeros(2, 2, 8, 8)
+    # a constant (3, 4) image-px flow, predicted on a stride-4 grid (0.75, 1.0 of its own pixels)
     outputs = {"flow_ab": [constant + torch.tensor([3.0, 4.0]).view(1, 2, 1, 1) / 4], "flow_ba": [constant]}
-    batch["flow_fw"], batch["flow_bw"] = torch.zeros_like(gt), torch.zeros_like(gt)
-    # a constant (3, 4) image-px flow against zero truth: EPE 5 forward, 0 backward
-    assert losses.supervised_flow_loss(outputs, batch).item() == pytest.approx(5.0, abs=1e-3)
+    assert losses.flow_regression_loss(outputs, zero, zero).item() == pytest.approx(5.0, abs=1e-3)
+    # the truth costs nothing; invalid pixels do not count
+    truth = zero + torch.tensor([3.0, 4.0]).view(1, 2, 1, 1)
+    assert losses.flow_regression_loss(outputs, truth, zero).item() == pytest.approx(0.0, abs=3e-3)
+    wrong = truth.clone()
+    wrong[:, :, :, 16:] = 100.0
+    valid = torch.ones(2, 32, 32)
+    valid[:, :, 16:] = 0
+    assert losses.flow_regression_loss(outputs, wrong, zero, valid, None).item() == pytest.approx(0.0, abs=3e-3)
+    assert losses.flow_regression_loss(outputs, wrong, zero).item() > 50
 
 
 def test_unsupervised_loss_prefers_the_true_flow_to_a_constant_pan_per_pair(moving_world):
@@ -532,3 +538,24 @@ def test_unsupervised_loss_prefers_the_true_flow_to_a_constant_pan_per_pair(movi
     truth, pans = (crop["flow_fw"], crop["flow_bw"]), (pan(crop["flow_fw"]), pan(crop["flow_bw"]))
     assert loss(*truth, losses.EDGE_WEIGHT) < 0.9 * loss(*pans, losses.EDGE_WEIGHT)
     assert loss(*truth, 10.0) > loss(*pans, 10.0)  # the old constant: the pan wins
+
+
+def test_warmup_replaces_the_flow_terms_by_the_regression_to_the_matching_flow():
+    outputs, batch = make_pair()
+    g = torch.Generator().manual_seed(5)
+    outputs["match_ab"] = torch.randn(2, 2, *FEATURES[1:], generator=g)  # feature pixels, stride 8
+    outputs["match_ba"] = torch.randn(2, 2, *FEATURES[1:], generator=g)
+    total, terms = losses.efc_loss(outputs, batch, warmup=True)
+    expected = losses.flow_regression_loss(outputs, warp.resize_flow(outputs["match_ab"], (H, W)),
+                                           warp.resize_flow(outputs["match_ba"], (H, W)))
+    assert terms["warmup"].item() == pytest.approx(expected.item(), rel=1e-6) and expected.item() > 0.1
+    assert all(terms[n].item() == 0 for n in ("pm", "sm", "occ", "cons"))
+    assert total.item() == pytest.approx(terms["seg"].item() + terms["warmup"].item(), rel=1e-6)
+    total.backward()  # the flows learn from it, the features get no L_cons gradient
+    assert outputs["flow_ab"][0].grad.abs().sum() > 0 and outputs["S_a"].grad is None
+    # after the warm-up the term is 0 and the paper's terms are back
+    _, terms = losses.efc_loss(outputs, batch)
+    assert terms["warmup"].item() == 0 and terms["pm"].item() > 0
+    del outputs["match_ab"]
+    with pytest.raises(ValueError, match="warmup=True"):
+        losses.efc_loss(outputs, batch, warmup=True)

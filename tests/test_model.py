@@ -289,3 +289,35 @@ def test_matching_features_are_unit_cosines_and_find_a_shift_that_raw_features_m
     best = cosine[..., 3:9, 3:9].argmax(1)  # interior pixels
     assert (best == 2 * 5 + 3).all()  # dy = 0, dx = +1 (k = iy * D + ix)
     assert cosine.max() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_soft_argmax_flow_recovers_a_shift_of_random_features(stride):
+    """matching_flow of features moved by (dx, dy) = (+2, -2) cells: the soft-argmax of the cosine
+    correlation is that shift (u first, feature pixels) wherever the shift stays in the map."""
+    torch.manual_seed(0)
+    S1 = torch.randn(2, 64, 16, 20)
+    S2 = torch.roll(S1, shifts=(-2, 2), dims=(2, 3))  # S2[p + (dy, dx)] = S1[p] with dy = -2, dx = +2
+    decoder = model.FlowDecoder(64, 16, max_displacement=4, stride=stride)
+    flow = decoder.matching_flow(S1, S2)  # (2, 2, 16, 20)
+    assert flow.shape == (2, 2, 16, 20) and not flow.requires_grad
+    inner = flow[..., 4:12, 2:14]  # pixels whose match and 3x3 neighbours' matches lie inside
+    assert torch.allclose(inner[:, 0], torch.full_like(inner[:, 0], 2.0), atol=1e-3)
+    assert torch.allclose(inner[:, 1], torch.full_like(inner[:, 1], -2.0), atol=1e-3)
+    # a flat cost volume votes for the mean displacement, zero; a wrong channel count is refused
+    D2 = (2 * (4 // stride) + 1) ** 2
+    assert model.soft_argmax_flow(torch.zeros(1, D2, 3, 3), 4, stride).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="channels"):
+        model.soft_argmax_flow(torch.zeros(1, D2 + 1, 3, 3), 4, stride)
+
+
+def test_forward_pair_returns_the_matching_flows_of_both_directions_on_request():
+    torch.manual_seed(0)
+    net = model.EFCNet(5, "resnet18", max_displacement=4, corr_stride=1).eval()
+    a, b = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = net.forward_pair(a, b, segment=False, warmup=True)
+        assert "match_ab" not in net.forward_pair(a, b, segment=False)
+        assert out["match_ab"].shape == (1, 2, 8, 8)
+        assert torch.allclose(out["match_ab"], net.flow.matching_flow(out["S_a"], out["S_b"]))
+        assert torch.allclose(out["match_ba"], net.flow.matching_flow(out["S_b"], out["S_a"]))

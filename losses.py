@@ -344,6 +344,7 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
         aux = torch.cat((outputs["aux_a"], outputs["aux_b"])) if outputs.get("aux_a") is not None else None
         terms["seg"] = segmentation_loss(torch.cat((logits["a"], logits["b"])), labels, aux)
     # EFC eq. (9): L = L_seg + lambda_cons L_cons + lambda_occ L_occ + lambda_sm L_sm + L_pm
+    # (+ our warm-up term, 0 outside the warm-up, where the four flow terms are 0 instead)
     total = (terms["seg"] + lam["cons"] * terms["cons"] + lam["occ"] * terms["occ"]
              + lam["sm"] * terms["sm"] + terms["pm"] + terms["warmup"])
     return total, {name: value.detach() for name, value in terms.items()}

@@ -251,6 +251,9 @@ def resume_settings(parser, args, argv):
     checkpoint = read_checkpoint(args.resume)
     if checkpoint["method"] != args.method:
         raise SystemExit(f"--resume {args.resume}: a {checkpoint['method']} checkpoint, not {args.method}")
+    if "optimizer" not in checkpoint:
+        raise SystemExit(f"--resume {args.resume}: weights only (a best.pt keeps no optimizer state); resume from "
+                         "the run's ckpt.pt, or start a new run from these weights with --init")
     config = checkpoint["config"]
     given = explicit_flags(parser, argv)
     for key, value in config.items():
@@ -516,6 +519,16 @@ def set_rng_state(state):
     random.setstate((version, tuple(internal), gauss))
 
 
+def save_best(out, obj, final):
+    """A new best validation: best.pt gets its weights, without the optimizer state and RNG states
+    (a third of the size; nothing resumes from a best). When the best is the run's last validation,
+    ckpt.pt already holds it: best.pt is removed rather than kept as a copy."""
+    if final:
+        (Path(out) / "best.pt").unlink(missing_ok=True)
+        return
+    save_checkpoint(Path(out) / "best.pt", {k: v for k, v in obj.items() if k not in ("optimizer", "rng")})
+
+
 def save_checkpoint(path, obj):
     """Atomic: write a temporary file in the same folder, flush it to disk, then rename over the
     target. A run killed at any moment leaves either the old checkpoint or the new one, never half
@@ -721,10 +734,10 @@ def main(argv=None):
         net.to(memory_format=torch.channels_last)
     groups = parameter_groups(net, args)
     optimizer = make_optimizer(groups, args)
-    start, best = 0, None
+    start, best, best_iteration = 0, None, None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
-        start, best = resume["iteration"], resume.get("best")
+        start, best, best_iteration = resume["iteration"], resume.get("best"), resume.get("best_iteration")
         set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
     bare = net  # the unwrapped network: checkpoints, validation
     if world > 1:
@@ -767,8 +780,8 @@ def main(argv=None):
                              f"stopping without saving. The last checkpoint in {out} is intact")
         if is_main:
             obj = {"method": args.method, "config": config, "model": weights,
-                   "optimizer": optimizer.state_dict(), "iteration": iteration, "best": best, "rng": rngs,
-                   "metrics": metrics}
+                   "optimizer": optimizer.state_dict(), "iteration": iteration, "best": best,
+                   "best_iteration": best_iteration, "rng": rngs, "metrics": metrics}
             save_checkpoint(out / "ckpt.pt", obj)
             return obj
         return None
@@ -853,17 +866,20 @@ def main(argv=None):
                 dist.barrier()
             net.train()
             train_mode(bare, args)
+            if is_best:
+                best_iteration = done
             if is_main:  # the same checkpoint, now with its validation numbers
-                obj["metrics"] = metrics
+                obj["metrics"], obj["best"], obj["best_iteration"] = metrics, best, best_iteration
                 save_checkpoint(out / "ckpt.pt", obj)
                 if is_best:
-                    save_checkpoint(out / "best.pt", obj)
+                    save_best(out, obj, final)
         step_time += time.time() - paused  # images/s and ETA count training time only
     if is_main and end < args.iterations:
         log(f"stopped after iteration {end} (--stop-after); continue with --resume {out / 'ckpt.pt'}")
     elif is_main:
-        log(f"done in {(time.time() - t0) / 60:.1f} min. checkpoint {out / 'ckpt.pt'} (best: {out / 'best.pt'}), "
-            f"log {log_path}")
+        where = (f"{out / 'best.pt'} (iteration {best_iteration}, weights only)" if (out / "best.pt").exists()
+                 else "the same file" if best_iteration == args.iterations else "no validation ran")
+        log(f"done in {(time.time() - t0) / 60:.1f} min. checkpoint {out / 'ckpt.pt'} (best: {where}), log {log_path}")
     if world > 1:
         dist.destroy_process_group()
 

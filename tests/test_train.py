@@ -276,6 +276,25 @@ def test_a_run_folder_is_never_reused_silently_and_resume_keeps_the_runs_setting
     assert [line["iteration"] for line in map(json.loads, open(run / "log.jsonl"))] == [1, 1]  # loss, validation
 
 
+def test_best_pt_holds_weights_only_and_only_when_it_is_not_the_last_checkpoint(world, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    scores = iter([0.5, 0.2, 0.3, 0.9])  # validations at 1, 2, 3 and (second run) 1, 2
+    monkeypatch.setattr(train.evaluate, "validate", lambda *args, **kwargs: {"miou": next(scores)})
+    run = tmp_path / "run"
+    train.main(tiny(world, run, "psp", "--iterations", "3", "--crop", "32", "32", "--val-every", "1"))
+    best = train.read_checkpoint(run / "best.pt")
+    assert best["iteration"] == 1 and best["metrics"] == {"miou": 0.5} and "optimizer" not in best and "rng" not in best
+    assert train.read_checkpoint(run / "ckpt.pt")["best_iteration"] == 1
+    assert (run / "best.pt").stat().st_size < 0.6 * (run / "ckpt.pt").stat().st_size  # psp: SGD momentum
+    evaluate.load_checkpoint(run / "best.pt")  # evaluate.py reads it like any checkpoint
+    with pytest.raises(SystemExit, match="weights only"):
+        train.parse_args(["--method", "psp", "--resume", str(run / "best.pt")])
+    # the last validation is the best: no copy of ckpt.pt
+    scores = iter([0.5, 0.9])
+    train.main(tiny(world, run, "psp", "--iterations", "2", "--crop", "32", "32", "--val-every", "1", "--overwrite"))
+    assert not (run / "best.pt").exists() and train.read_checkpoint(run / "ckpt.pt")["best_iteration"] == 2
+
+
 def test_a_failed_checkpoint_write_stops_with_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     target = tmp_path / "ckpt.pt"
     train.save_checkpoint(target, {"iteration": 1, "weights": torch.zeros(4)})

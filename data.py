@@ -11,7 +11,8 @@ Sections, in file order
      occlusion for every frame, written in the Cityscapes layout      make_synthetic_world
   5. Datasets (map-style, each item a dict of tensors)
        CityscapesPairs     EFC "Implementation Details": pairs (I_i, I_{i+t}), t in [1, 5], ten per
-                           snippet, five of which contain the labelled frame
+                           snippet, five of which contain the labelled frame (Table 1's rows:
+                           _PairDataset.set_pair_mode)
        CityscapesFlow2Seg  Flow2Seg 4.1: the labelled 20th frame, the 19th, and the flow F_t->t-1
        CityscapesImages    single labelled frames (PSPNet / Image2Seg training, evaluation)
        SyntheticSequence   every consecutive pair of the synthetic world with all ground truth
@@ -828,7 +829,7 @@ def _write_snippet(job):
 
 def make_synthetic_world(out=SYNTH_DEFAULT_ROOT, num_train=40, num_val=10, size=(128, 256), seed=0, workers=None,
                          overwrite=False):
-    """Write the synthetic world under `out` in the Cityscapes layout (see the README's "Data").
+    """Write the synthetic world under `out` in the Cityscapes layout (see docs/data.md).
 
     Snippets of a split are grouped into cities of SNIPPETS_PER_CITY: train cities synth0, synth1..,
     val cities synthval0...; every snippet's content depends only on (seed, split, index), so the
@@ -1035,26 +1036,68 @@ class _PairDataset(Dataset):
     """
     epoch = 0
     labelled_pairs = None  # how many of a snippet's pairs contain its labelled frame; None = half
+    fixed_labelled = False  # those pairs drawn once for the whole run, not every epoch
+    unlabelled_companion = False  # every item: a pair with the labelled frame + one without
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
 
+    def set_pair_mode(self, labelled_pairs=None, fixed_labelled=False, unlabelled_companion=False):
+        """Which pairs make the items (EFC Table 1; the paper is silent on how often pairs are drawn):
+          labelled_pairs        of the pairs_per_snippet pairs, how many contain the labelled frame
+                                (None: half, the paper's five of ten);
+          fixed_labelled        those are drawn once per run (from (seed, snippet)): TCC_single
+                                trains on one fixed pair per snippet, TCC_multi on five; the pairs
+                                without the labelled frame are drawn anew every epoch, so every
+                                unlabelled frame counts over a long run;
+          unlabelled_companion  "+ UD" adds the unlabelled pairs instead of replacing labelled ones:
+                                an item is a labelled pair and an unlabelled one, every tensor
+                                stacked to (2, ...) (train.py flattens them into the batch), so the
+                                labelled exposure per item equals TCC_multi's. Needs
+                                pairs_per_snippet = 2 x labelled_pairs.
+        """
+        k = self.pairs_per_snippet // 2 if labelled_pairs is None else labelled_pairs
+        if not 0 <= k <= self.pairs_per_snippet:
+            raise ValueError(f"labelled_pairs ({labelled_pairs}) must be between 0 and pairs_per_snippet "
+                             f"({self.pairs_per_snippet})")
+        if unlabelled_companion and 2 * k != self.pairs_per_snippet:
+            raise ValueError(f"an unlabelled companion for every labelled pair needs pairs_per_snippet "
+                             f"({self.pairs_per_snippet}) = 2 x labelled_pairs ({k})")
+        self.labelled_pairs, self.fixed_labelled, self.unlabelled_companion = k, fixed_labelled, unlabelled_companion
+
     def __len__(self):
-        return len(self.snippets) * self.pairs_per_snippet
+        per_snippet = self.labelled_count() if self.unlabelled_companion else self.pairs_per_snippet
+        return len(self.snippets) * per_snippet
+
+    def labelled_count(self):
+        return self.pairs_per_snippet // 2 if self.labelled_pairs is None else self.labelled_pairs
 
     def pairs(self, s):
-        """The (i, t) pairs of snippet s in the current epoch."""
+        """The (i, t) pairs of snippet s in the current epoch, those with the labelled frame first."""
         snippet = self.snippets[s]
+        n, k = self.pairs_per_snippet, self.labelled_count()
         rng = np.random.default_rng([self.seed, self.epoch, s])
-        return sample_pairs(len(snippet.frames), snippet.labelled, self.pairs_per_snippet, self.max_gap, rng,
-                            self.labelled_pairs)
+        if not self.fixed_labelled:
+            return sample_pairs(len(snippet.frames), snippet.labelled, n, self.max_gap, rng, k)
+        fixed = np.random.default_rng([self.seed, s])  # no epoch: the same pairs all run long
+        return (sample_pairs(len(snippet.frames), snippet.labelled, k, self.max_gap, fixed, k)
+                + sample_pairs(len(snippet.frames), snippet.labelled, n - k, self.max_gap, rng, 0))
 
     def __getitem__(self, index):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} pairs")
-        s, slot = divmod(index, self.pairs_per_snippet)
+        if not self.unlabelled_companion:
+            s, slot = divmod(index, self.pairs_per_snippet)
+            return self._pair(s, *self.pairs(s)[slot])
+        s, slot = divmod(index, self.labelled_count())
+        pairs = self.pairs(s)
+        both = [self._pair(s, *pairs[slot]), self._pair(s, *pairs[self.labelled_count() + slot])]
+        return {key: torch.stack([x[key] for x in both]) if torch.is_tensor(both[0][key])
+                else torch.tensor([x[key] for x in both]) for key in both[0]}
+
+    def _pair(self, s, i, t):
+        """The sample of pair (I_i, I_i+t) of snippet s."""
         snippet = self.snippets[s]
-        i, t = self.pairs(s)[slot]
         sample = {"i": i, "t": t}
         for name, k in (("a", i), ("b", i + t)):
             path = snippet.frames[k]
@@ -1085,14 +1128,12 @@ class CityscapesPairs(_PairDataset):
     """
 
     def __init__(self, root, split, pairs_per_snippet=10, max_gap=5, transform=None, num_classes=None, seed=0,
-                 labelled_pairs=None):
+                 labelled_pairs=None, fixed_labelled=False, unlabelled_companion=False):
         if pairs_per_snippet < 1 or not 1 <= max_gap < SNIPPET_LENGTH:
             raise ValueError(f"pairs_per_snippet ({pairs_per_snippet}) must be >= 1 and max_gap ({max_gap}) in [1, 29]")
-        if labelled_pairs is not None and not 0 <= labelled_pairs <= pairs_per_snippet:
-            raise ValueError(f"labelled_pairs ({labelled_pairs}) must be between 0 and pairs_per_snippet ({pairs_per_snippet})")
         self.root, self.split, self.transform = Path(root), split, transform
         self.pairs_per_snippet, self.max_gap, self.seed = pairs_per_snippet, max_gap, seed
-        self.labelled_pairs = labelled_pairs
+        self.set_pair_mode(labelled_pairs, fixed_labelled, unlabelled_companion)
         self.classes = _dataset_classes(root)
         self.num_classes = num_classes or len(self.classes)
         self.snippets = _cityscapes_snippets(self.root, split)
@@ -1682,7 +1723,7 @@ def preview(root, out, split="train", rows=3):
 # 8. Command line
 # =============================================================================================
 def main():
-    parser = argparse.ArgumentParser(description="The synthetic world and pictures of it (README, \"Data\").")
+    parser = argparse.ArgumentParser(description="The synthetic world and pictures of it (docs/data.md).")
     commands = parser.add_subparsers(dest="command", required=True)
     synth = commands.add_parser("synth", help="write a synthetic world in the Cityscapes layout")
     synth.add_argument("--out", default=SYNTH_DEFAULT_ROOT, help="output folder (default: %(default)s)")

@@ -56,11 +56,31 @@ def masked_mean(x, mask=None):
 
     mask is a 0/1 map broadcastable to x; the count is clamped at 1, so an empty mask (all-ignore
     labels, or a zero-size map) gives exactly 0, never NaN. Every reduction below goes through here.
+
+    Distributed (N > 1 processes): the mean over the *global* batch. Each process divides its own
+    sum by the global count / N (one all_reduce of the count, no gradient); DDP averages the N
+    gradients, so the step is that of sum over all processes / global count, as one process with
+    the whole batch would take. A per-process mean would weigh a process's pixels by 1 / its own
+    count: L_seg's weight would change with the process count and with how crops spread ignore
+    pixels. Without a mask every process holds the same number of elements (equal local batches),
+    so the local count is already the global one / N.
     """
     if mask is None:
         return x.sum() / max(x.numel(), 1)
     mask = mask.to(x.dtype).expand_as(x)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum() / _per_process_count(mask.detach().sum(dtype=torch.float64)).to(x.dtype)
+
+
+def _per_process_count(count):
+    """count (a 0-dim tensor) -> max(global count, 1) / N over the N processes (count itself when N = 1)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return count.clamp(min=1)
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return count.clamp(min=1)
+    count = count.clone()
+    torch.distributed.all_reduce(count)
+    return count.clamp(min=1) / world
 
 
 def _no_autocast(x):

@@ -491,12 +491,12 @@ class EFCNet(nn.Module):
         self.seg = PSPNet(num_classes, backbone)
         self.flow = FlowDecoder(self.seg.enc_channels, self.seg.skip_channels, max_displacement, corr_stride)
 
-    def forward(self, image, image_b=None, segment=True, warmup=False):
+    def forward(self, image, image_b=None, segment=True, warmup=False, flow=True):
         if image_b is None:
             return self.seg(image)
-        return self.forward_pair(image, image_b, segment, warmup)
+        return self.forward_pair(image, image_b, segment, warmup, flow)
 
-    def forward_pair(self, image_a, image_b, segment=True, warmup=False):
+    def forward_pair(self, image_a, image_b, segment=True, warmup=False, flow=True):
         """Everything the EFC losses need for a pair of normalised images (a, b), (B, 3, H, W) each:
           'logits_a', 'logits_b'  (B, K, H, W); 'aux_a', 'aux_b' the same in training mode, else None
           'S_a', 'S_b'            (B, C_S, H/8, W/8) shared-encoder (layer3) features
@@ -507,7 +507,9 @@ class EFCNet(nn.Module):
         warmup=True (train.py --flow-warmup) adds 'match_ab', 'match_ba' (B, 2, H/8, W/8), the
         FlowDecoder.matching_flow of the pair in feature pixels (the warm-up's targets, no
         gradient), and the decoder reads detached features: the warm-up teaches the decoder to read
-        the encoder, it must not move the encoder, whose features make the targets."""
+        the encoder, it must not move the encoder, whose features make the targets.
+        flow=False skips the flow decoder (Table 1's TCC_fix takes its flow from a fixed network):
+        'flow_ab', 'flow_ba', 'occ_a', 'occ_b' are None."""
         if image_a.shape != image_b.shape:
             raise ValueError(f"image_a {tuple(image_a.shape)} and image_b {tuple(image_b.shape)} "
                              "must have equal shapes")
@@ -519,11 +521,12 @@ class EFCNet(nn.Module):
         S1, S2, skip = S, torch.cat([S_b, S_a]), f4
         if warmup:
             S1, S2, skip = S1.detach(), S2.detach(), skip.detach()
-        flows, occlusions = self.flow(S1, S2, skip, size)
-        out = {"S_a": S_a, "S_b": S_b,
-               "flow_ab": [f[:B] for f in flows], "flow_ba": [f[B:] for f in flows],
-               "occ_a": [o[:B] for o in occlusions], "occ_b": [o[B:] for o in occlusions],
+        out = {"S_a": S_a, "S_b": S_b, "flow_ab": None, "flow_ba": None, "occ_a": None, "occ_b": None,
                "logits_a": None, "logits_b": None, "aux_a": None, "aux_b": None}
+        if flow:
+            flows, occlusions = self.flow(S1, S2, skip, size)
+            out.update({"flow_ab": [f[:B] for f in flows], "flow_ba": [f[B:] for f in flows],
+                        "occ_a": [o[:B] for o in occlusions], "occ_b": [o[B:] for o in occlusions]})
         if warmup:
             matches = self.flow.matching_flow(S1, S2)  # (2B, 2, H/8, W/8)
             out["match_ab"], out["match_ba"] = matches[:B], matches[B:]

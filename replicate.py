@@ -35,7 +35,7 @@ Outputs: runs under --runs (default runs/replicate/VARIANT/seedS), one JSON per 
 results/runs/ (the cache: a run whose JSON holds the same settings and the same train.py command is
 not trained again; an interrupted run resumes from its checkpoint; a row built on a run trained now
 is trained again too), results/TABLE.json (settings, every seed's numbers, mean, sample std and
-count) and results/TABLE.md (the markdown table); `--readme` also puts the tables into README.md
+count) and results/TABLE.md (the markdown table); `--readme` also puts the tables into docs/replication.md
 between the markers <!-- replicate:TABLE --> and <!-- /replicate:TABLE -->. Plain `--quick` writes
 under results/quick/ and runs/replicate-quick/, and any other settings (--iterations, --crop,
 --eval-snippets) under results/custom-HASH/ and runs/replicate-custom-HASH/, so they never mix with
@@ -68,7 +68,7 @@ import train
 #  - ResNet-18 backbones, 96x96 crops, batch 4: a 2-core CPU budget (train.py's quick recipe).
 #  - Adam, lr 2e-4, poly decay, the flow decoder at the same lr (--flow-lr-mult 1): EFC's SGD at 0.01
 #    (x0.1 for the flow decoder) left the flow at the zero-flow EPE after 200 iterations on this
-#    world (README, "Evaluation"); Adam at 2e-4 is train.py's quick Flow2Seg setting.
+#    world (docs/learning.md); Adam at 2e-4 is train.py's quick Flow2Seg setting.
 #  - Correlation range 4 at stride 1 on the stride-8 features (+-32 image pixels): the world's
 #    motion between frames up to max-gap 5 apart stays within about 28 pixels, so EFC's +-160 pixels
 #    (20 at stride 2) would be 441 channels of nothing at a 96-pixel crop.
@@ -82,7 +82,7 @@ QUICK = {**SETTINGS, "iterations": 20, "eval_snippets": 2}
 # settings it changes (only the one row that is about a setting).
 VARIANTS = {
     "psp": ("psp", [], None, {}),
-    "tcc-fix": ("efc", ["--ablation", "tcc-fix"], "ul-oe", {}),  # --init with the UL + OE flow branch
+    "tcc-fix": ("efc", ["--ablation", "tcc-fix"], "ul-oe", {}),  # --flow-init: the UL + OE flow network, fixed
     "tcc-single": ("efc", ["--ablation", "tcc-single"], None, {}),
     "tcc-single-om": ("efc", ["--ablation", "tcc-single-om"], None, {}),
     "tcc-multi-om": ("efc", ["--ablation", "tcc-multi-om"], None, {}),
@@ -275,7 +275,7 @@ def train_command(name, seed, settings, run_dir, runs_root, data_root, device):
         args += ["--device", device]
     if dependency is not None:
         source = Path(runs_root) / dependency / f"seed{seed}" / "ckpt.pt"
-        args += ["--init" if method == "efc" else "--flow-from", str(source)]
+        args += ["--flow-init" if method == "efc" else "--flow-from", str(source)]
     return args + extra
 
 
@@ -450,8 +450,9 @@ def parse_args(argv=None):
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep every run's checkpoint (default: deleted once all rows of a seed are done; a row "
                         "built on a deleted one trains that run again)")
-    p.add_argument("--readme", metavar="FILE", nargs="?", const="README.md",
-                   help="put the tables into this README between its replicate markers (default file README.md)")
+    p.add_argument("--readme", metavar="FILE", nargs="?", const="docs/replication.md",
+                   help="put the tables into this file between its replicate markers (default file "
+                        "docs/replication.md)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds}: need at least 1")

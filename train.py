@@ -19,8 +19,10 @@ The ablations of EFC Tables 1 and 2 are --ablation NAME (see ABLATIONS).
 
 Distributed: `torchrun --nproc_per_node=N train.py ...` runs DistributedDataParallel (NCCL on GPUs,
 gloo on CPUs) with SyncBatchNorm; --batch is the global batch, split over the processes, and every
-process draws its share of the same global batch a single process would draw, so N processes train
-like one (up to floating-point summation order).
+process draws its share of the same global batch a single process would draw, with the same
+augmentation; every pixel mean of the losses is taken over the global batch (losses.masked_mean).
+So N processes train like one, to float32 rounding, except for dropout, whose masks depend on the
+split (--no-dropout removes that difference; tests/test_train.py checks psp, flow2seg and efc).
 
 Reproducibility: the data order and every random augmentation are functions of (--seed, epoch, item
 index) (see SeededItems), so a run resumed from a checkpoint continues exactly as the uninterrupted
@@ -77,47 +79,62 @@ OPTIMIZER = {  # quick recipe: the papers' optimisers
 # On the synthetic world from scratch, 2e-5 (a fine-tuning rate for ImageNet-initialised networks)
 # learns little in 200 iterations; the quick recipe uses 2e-4. The paper recipe keeps 2e-5.
 
-# EFC Tables 1 and 2: name -> (method, efc_loss switches, pairs per snippet, pairs with the labelled frame)
+# EFC Tables 1 and 2: name -> (method, efc_loss switches, pairs per snippet, pairs with the labelled
+# frame, pair mode). The paper is silent on how often pairs are drawn; the modes
+# (data._PairDataset.set_pair_mode) make each row differ only in what its name says:
+#   "fixed"  the labelled pairs are drawn once for the whole run: TCC_single trains on one pair per
+#            snippet, TCC_multi on five (redrawn every epoch, "single" would only mean more epochs);
+#   "ud"     the same five fixed labelled pairs, each item with one unlabelled pair added (drawn
+#            anew every epoch): "+ UD" adds data, the labelled exposure stays TCC_multi's;
+#   "mixed"  every pair drawn anew each epoch, half with the labelled frame (Table 2, flow rows).
+# TCC_fix: "a fixed pre-trained FlowNetS": a frozen copy of a trained flow network (--flow-init,
+# encoder included) supplies the flow; the segmentation network starts like the other rows (its own
+# flow decoder is frozen and unused: the flow numbers of its validation mean nothing, Table 1 reads mIoU).
 ABLATIONS = {
     # Table 1 (segmentation)
-    "tcc-fix": ("efc", dict(frozen_flow=True, occlusion=False, error_mask=False), 1, 1),
-    "tcc-single": ("efc", dict(occlusion=False, error_mask=False), 1, 1),
-    "tcc-single-om": ("efc", dict(), 1, 1),
-    "tcc-multi-om": ("efc", dict(), 5, 5),
-    "full": ("efc", dict(), 10, 5),  # "+ UD": five more pairs without the labelled frame
+    "tcc-fix": ("efc", dict(frozen_flow=True, occlusion=False, error_mask=False), 1, 1, "fixed"),
+    "tcc-single": ("efc", dict(occlusion=False, error_mask=False), 1, 1, "fixed"),
+    "tcc-single-om": ("efc", dict(), 1, 1, "fixed"),
+    "tcc-multi-om": ("efc", dict(), 5, 5, "fixed"),
+    "full": ("efc", dict(), 10, 5, "ud"),  # --method efc without --ablation is this row
     # Table 2 (flow)
-    "ul": ("flow", dict(flow_only=True, occlusion=False), 10, 5),
-    "ul-oe": ("flow", dict(flow_only=True), 10, 5),
-    "ul-tc": ("efc", dict(occlusion=False, error_mask=False), 10, 5),
-    "ul-oe-tc": ("efc", dict(error_mask=False), 10, 5),
+    "ul": ("flow", dict(flow_only=True, occlusion=False), 10, 5, "mixed"),
+    "ul-oe": ("flow", dict(flow_only=True), 10, 5, "mixed"),
+    "ul-tc": ("efc", dict(occlusion=False, error_mask=False), 10, 5, "mixed"),
+    "ul-oe-tc": ("efc", dict(error_mask=False), 10, 5, "mixed"),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False,  # explicit_flags reads the command line by full names
-                                epilog="Unset flags take the recipe's value (see the docstring of train.py and the README).")
+                                epilog="Unset flags take the recipe's value (see the docstring of train.py and docs/training.md).")
     p.add_argument("--method", required=True, choices=METHODS,
                    help="psp: image-only PSPNet; flow2seg: Flow2Seg; efc: EFC; flow: EFC's flow branch alone (Table 2 'UL')")
     p.add_argument("--recipe", choices=["quick", "paper"], default="quick",
                    help="quick: synthetic world, CPU, minutes (default); paper: the paper's setting for the method")
     p.add_argument("--ablation", choices=sorted(ABLATIONS),
-                   help="an EFC Table 1/2 row: tcc-fix (needs --init with a trained flow model), tcc-single, "
-                        "tcc-single-om, tcc-multi-om, full; ul, ul-oe (method flow), ul-tc, ul-oe-tc")
+                   help="an EFC Table 1/2 row: tcc-fix (needs --flow-init with a trained flow model), tcc-single, "
+                        "tcc-single-om, tcc-multi-om, full (= --method efc); ul, ul-oe (method flow), ul-tc, "
+                        "ul-oe-tc. Which pairs each row trains on: see ABLATIONS in train.py")
+    p.add_argument("--flow-init", metavar="CKPT",
+                   help="--ablation tcc-fix: a trained flow/efc checkpoint whose whole flow network (its encoder "
+                        "too) is kept fixed and supplies the flow")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["synthetic", "cityscapes", "camvid", "kitti"], default="synthetic",
                    help="kitti: unsupervised flow on KITTI 2015 multiview frames (method flow only)")
     g.add_argument("--data-root", help="dataset folder (default for synthetic: data/synthetic, generated if missing)")
     g.add_argument("--frames-dir", help="CamVid: folder of video frames for the unlabelled neighbours (efc, flow)")
     g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (quick 96 96; paper 713 / 832)")
-    g.add_argument("--pairs-per-snippet", type=int, help="EFC: pairs drawn per snippet per epoch (paper: 10)")
+    g.add_argument("--pairs-per-snippet", type=int, help="EFC: pairs per snippet per epoch (paper: 10); --method "
+                   "efc: half of them with the labelled frame, each item one of those plus one without")
     g.add_argument("--labelled-pairs", type=int, help="EFC: how many of them contain the labelled frame (default: half)")
     g.add_argument("--max-gap", type=int, help="EFC: pairs (I_i, I_i+t) with 1 <= t <= max-gap (paper: 5; quick: 2)")
     g.add_argument("--no-augment", action="store_true", help="no scale/rotation/flip/jitter; centre crop only")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per training process")
     g = p.add_argument_group("Flow2Seg flow input (F_t->t-1 of the labelled frame)")
     g.add_argument("--flow-dir", help="precomputed flows (.flo, KITTI _flow.png or .npy) named like the frames "
-                                      "(see the README); default on the synthetic world: its ground truth")
+                                      "(see docs/data.md); default on the synthetic world: its ground truth")
     g.add_argument("--flow-from", metavar="CHECKPOINT",
                    help="an efc/flow checkpoint: compute the flows once with it into RUN/flows, then train on them")
     g = p.add_argument_group("model")
@@ -150,8 +167,11 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, help="base learning rate, decayed by (1 - it/iterations)^0.9")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--flow-lr-mult", type=float,
-                   help="lr multiplier of EFC's flow decoder (paper recipe 0.1, see the README: at the full lr, SGD "
+                   help="lr multiplier of EFC's flow decoder (paper recipe 0.1, see docs/choices.md: at the full lr, SGD "
                         "moves an untrained decoder's flow by hundreds of pixels in one step; quick recipe, Adam: 1)")
+    g.add_argument("--no-dropout", action="store_true",
+                   help="turn the heads' dropout (p 0.1) off: its masks are the one thing that differs between a "
+                        "run on N processes and on one (a check, not a recipe)")
     g.add_argument("--clip-grad", type=float,
                    help="clip the gradient norm (0: off); default 10 for efc and flow (their flow decoder), else off")
     g.add_argument("--cons-weight", type=float, default=losses.EFC_WEIGHTS["cons"], help="EFC lambda_cons")
@@ -206,8 +226,15 @@ def parse_args(argv=None):
         method = ABLATIONS[args.ablation][0]
         if method != args.method:
             p.error(f"--ablation {args.ablation} is an EFC row for --method {method}, not {args.method}")
-        if args.ablation == "tcc-fix" and not (args.init or args.resume):
-            p.error("--ablation tcc-fix keeps the flow branch fixed: give --init with a trained flow/efc checkpoint")
+        if args.ablation == "tcc-fix" and not args.flow_init:
+            p.error("--ablation tcc-fix takes its flow from a fixed, trained network: give --flow-init with a "
+                    "flow/efc checkpoint")
+    if args.flow_init and args.ablation != "tcc-fix":
+        p.error("--flow-init is the fixed flow network of --ablation tcc-fix")
+    if args.method == "efc" and not args.ablation and (args.pairs_per_snippet % 2 or args.labelled_pairs not in
+                                                       (None, args.pairs_per_snippet // 2)):
+        p.error(f"--method efc adds one unlabelled pair to each labelled one: --pairs-per-snippet "
+                f"({args.pairs_per_snippet}) must be even and --labelled-pairs ({args.labelled_pairs}) half of it")
     if args.data_root is None:
         if args.dataset != "synthetic":
             p.error(f"--dataset {args.dataset} needs --data-root (the folder holding the dataset)")
@@ -324,9 +351,10 @@ def training_dataset(args):
     """The training set of a method and dataset, with the joint augmentation (data.JointTransform)."""
     transform = data.JointTransform(crop=args.crop, train=not args.no_augment)
     root = args.data_root
-    pairs, labelled = args.pairs_per_snippet, args.labelled_pairs
+    pairs, labelled, mode = args.pairs_per_snippet, args.labelled_pairs, pair_mode(args)
     if args.ablation:
-        _, _, pairs, labelled = ABLATIONS[args.ablation]
+        _, _, pairs, labelled, _ = ABLATIONS[args.ablation]
+    modes = dict(labelled_pairs=labelled, fixed_labelled=mode != "mixed", unlabelled_companion=mode == "ud")
     if args.dataset == "kitti":
         return data.KittiFlow(root, "training", mode="multiview", transform=transform)
     if args.flow_supervised:  # consecutive frames with their true flows in both directions
@@ -338,14 +366,22 @@ def training_dataset(args):
             raise SystemExit(f"--method {args.method} on CamVid needs --frames-dir (video frames for the pairs)")
         dataset = data.CamVid(root, "train", frames_dir=args.frames_dir, pairs_per_frame=pairs, max_gap=args.max_gap,
                               transform=transform, seed=args.seed)
-        dataset.labelled_pairs = labelled
+        dataset.set_pair_mode(**modes)
         return dataset
     if args.method == "psp":
         return data.CityscapesImages(root, "train", transform=transform)
     if args.method == "flow2seg":
         return data.CityscapesFlow2Seg(root, "train", flow_dir=args.flow_dir, transform=transform)
     return data.CityscapesPairs(root, "train", pairs_per_snippet=pairs, max_gap=args.max_gap, transform=transform,
-                                seed=args.seed, labelled_pairs=labelled)
+                                seed=args.seed, **modes)
+
+
+def pair_mode(args):
+    """The pair mode of an EFC run (see ABLATIONS): its row's, else "ud" for efc (the full EFC) and
+    "mixed" for the flow branch alone."""
+    if args.ablation:
+        return ABLATIONS[args.ablation][4]
+    return "ud" if args.method == "efc" else "mixed"
 
 
 @torch.no_grad()
@@ -448,9 +484,24 @@ def initialise(net, args, log):
         log(f"--init {path}: loaded {len(state)} of {len(own)} tensors from a {source} checkpoint")
 
 
+def fixed_flow_network(path, device, log):
+    """EFC Table 1's TCC_fix: "a fixed pre-trained FlowNetS". The whole flow network of a trained
+    flow/efc checkpoint, its own encoder included, frozen in eval mode: the segmentation network's
+    encoder trains (from the same start as the other rows) without moving the flow it is tied by."""
+    try:
+        net, ckpt = evaluate.load_checkpoint(path, device)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--flow-init: {one_line(error)}") from None
+    if ckpt["method"] not in ("efc", "flow"):
+        raise SystemExit(f"--flow-init {path}: a {ckpt['method']} checkpoint has no flow network (need efc or flow)")
+    log(f"--flow-init {path}: a fixed {ckpt['method']} network supplies the flow")
+    return net.requires_grad_(False)
+
+
 def frozen_prefixes(args):
     """--freeze, plus what a stage or ablation freezes: Flow2Seg's image path and fusion while its flow
-    path trains alone; EFC's flow decoder for Table 1's TCC_fix (a fixed, pre-trained flow)."""
+    path trains alone; EFC's own flow decoder for Table 1's TCC_fix, which takes its flow from a
+    fixed network instead (fixed_flow_network): the decoder does not run and gets no optimizer state."""
     frozen = [p.strip() for p in args.freeze.split(",") if p.strip()]
     if args.method == "flow2seg" and args.flow2seg_stage == "flow-path":
         frozen += ["image", "fusion"]
@@ -622,10 +673,20 @@ def synchronise_batchnorm(net, device):
 # ---------------------------------------------------------------------------------------------
 # One step: forward, the method's loss, and its terms for the log
 # ---------------------------------------------------------------------------------------------
-def compute_loss(net, batch, args, iteration):
+def merge_companions(batch):
+    """EFC "+ UD" items hold a labelled pair and an unlabelled one, every tensor (B, 2, ...): the
+    batch becomes 2B pairs, (B * 2, ...). Other batches pass unchanged."""
+    if "image_a" not in batch or batch["image_a"].dim() != 5:
+        return batch
+    return {k: v.flatten(0, 1) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def compute_loss(net, batch, args, iteration, flow_net=None):
     """-> (total, terms: dict of detached scalars) at 0-based `iteration` (which decides the flow
     warm-up). The forward runs under autocast when --amp; losses.py keeps the photometric family in
-    float32 inside."""
+    float32 inside. flow_net: TCC_fix's fixed flow network (an EFCNet in eval mode), whose flow and
+    occlusion replace the trained network's (whose flow decoder then does not run)."""
+    batch = merge_companions(batch)
     if args.method == "psp":
         out = net(batch["image"])
         total = losses.segmentation_loss(out["logits"], batch["label"], out["aux"])
@@ -646,7 +707,11 @@ def compute_loss(net, batch, args, iteration):
         switches.setdefault("flow_only", True)
     warmup = iteration < args.flow_warmup
     out = net(batch["image_a"], batch["image_b"], segment=not switches.get("flow_only", False),
-              warmup=warmup)
+              warmup=warmup, flow=flow_net is None)
+    if flow_net is not None:
+        with torch.no_grad():
+            fixed = flow_net(batch["image_a"], batch["image_b"], segment=False)
+        out.update({key: fixed[key] for key in ("flow_ab", "flow_ba", "occ_a", "occ_b")})
     weights = {"cons": args.cons_weight, "occ": args.occ_weight, "sm": args.sm_weight}
     return losses.efc_loss(out, batch, weights, warmup=warmup, **switches)
 
@@ -688,7 +753,7 @@ def main(argv=None):
             dist.barrier()
     elif not Path(args.data_root).is_dir():
         raise SystemExit(f"--data-root {args.data_root}: no such folder (expected the {args.dataset} layout; "
-                         "see the README's 'Data' section)")
+                         "see docs/data.md)")
     # A fresh run must not replace another run's checkpoint or append to its log.
     previous = [name for name in ("ckpt.pt", "best.pt", "log.jsonl") if (out / name).exists()]
     if previous and not args.resume and not args.overwrite:
@@ -723,10 +788,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     net = build_model(args.method, args.num_classes, args.backbone, args.flow_backbone, args.max_displacement,
                       args.corr_stride)
+    if args.no_dropout:
+        for module in net.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     if resume is None:
         initialise(net, args, log)
     else:
         net.load_state_dict(resume["model"])
+    flow_net = fixed_flow_network(args.flow_init, device, log) if args.flow_init else None
     if world > 1:
         net = synchronise_batchnorm(net, device)  # SyncBN only when it has something to sync
     net.to(device)
@@ -815,13 +885,14 @@ def main(argv=None):
         except (OSError, ValueError) as error:  # also raised again here from a DataLoader worker
             raise SystemExit(f"training data, iteration {iteration + 1}: {one_line(error)}; the last checkpoint "
                              f"in {out} is intact") from None
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in items.items()}
+        batch = merge_companions({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                                  for k, v in items.items()})
         if args.channels_last:
             batch = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
                      for k, v in batch.items()}
         lr = poly_lr(optimizer, args, iteration)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            total, terms = compute_loss(model, batch, args, iteration)
+            total, terms = compute_loss(model, batch, args, iteration, flow_net)
         # The loss and its terms, averaged over processes: every process sees the same numbers and so
         # takes the same decision below (a process stopping alone would leave the others waiting).
         names = sorted(terms)
@@ -881,6 +952,12 @@ def main(argv=None):
                  else "the same file" if best_iteration == args.iterations else "no validation ran")
         log(f"done in {(time.time() - t0) / 60:.1f} min. checkpoint {out / 'ckpt.pt'} (best: {where}), log {log_path}")
     if world > 1:
+        # Teardown, the same on every rank: the loader's worker processes end now (not during
+        # interpreter shutdown, while the process group may already be gone), and no rank destroys
+        # the group before all have left the loop (rank 0 is still writing the last checkpoint when
+        # the others finish; tearing a gloo group down under a peer is a known source of exit hangs).
+        del iterator
+        dist.barrier()
         dist.destroy_process_group()
 
 

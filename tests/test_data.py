@@ -242,6 +242,35 @@ def test_cityscapes_pairs_on_the_synthetic_world(world):
     assert len(CityscapesPairs(world, "val", pairs_per_snippet=4)) == 4
 
 
+def test_pair_modes_of_the_efc_table1_rows(world):
+    def labelled(pair_list):
+        return [p for p in pair_list if LABELLED_INDEX in (p[0], p[0] + p[1])]
+    # TCC_single / TCC_multi: the labelled pairs are drawn once, the same in every epoch
+    single = CityscapesPairs(world, "train", pairs_per_snippet=1, labelled_pairs=1, fixed_labelled=True)
+    multi = CityscapesPairs(world, "train", pairs_per_snippet=5, labelled_pairs=5, fixed_labelled=True, max_gap=5)
+    for dataset, n in ((single, 1), (multi, 5)):
+        first = [dataset.pairs(s) for s in range(2)]
+        dataset.set_epoch(7)
+        assert [dataset.pairs(s) for s in range(2)] == first and len(dataset) == 2 * n
+        assert all(len(labelled(p)) == n for p in first)
+    assert len(set(multi.pairs(0))) == 5  # five different pairs (max_gap 5 has 10 candidates)
+    # "+ UD": each item = the labelled pair of TCC_multi (same seed) + an unlabelled pair redrawn per epoch
+    full = CityscapesPairs(world, "train", pairs_per_snippet=10, labelled_pairs=5, fixed_labelled=True,
+                           unlabelled_companion=True, max_gap=5)
+    assert len(full) == len(multi) == 10
+    item = full[3]
+    assert item["image_a"].shape[0] == 2 and item["label_a"].shape[0] == 2
+    assert [(int(item["i"][0]), int(item["t"][0]))] == [multi.pairs(0)[3]]
+    assert (item["labelled_a"][0] | item["labelled_b"][0]) and not (item["labelled_a"][1] | item["labelled_b"][1])
+    assert (item["label_a"][1] == 255).all() and (item["label_b"][1] == 255).all()
+    unlabelled = [full.pairs(s)[5:] for s in range(2)]
+    full.set_epoch(1)
+    assert [full.pairs(s)[:5] for s in range(2)] == [multi.pairs(s) for s in range(2)]
+    assert [full.pairs(s)[5:] for s in range(2)] != unlabelled
+    with pytest.raises(ValueError, match="2 x labelled_pairs"):
+        CityscapesPairs(world, "train", pairs_per_snippet=10, labelled_pairs=4, unlabelled_companion=True)
+
+
 def test_sample_pairs_halves_and_gap_range():
     rng = np.random.default_rng(0)
     for count, gap in ((10, 5), (7, 3), (30, 2)):

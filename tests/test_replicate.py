@@ -1,5 +1,5 @@
 """replicate.py: the variant plan, the commands it hands train.py, the evaluation pairs, the table
-arithmetic, the README update, one real (cached) run, and a slow smoke run of a whole table."""
+arithmetic, the update of docs/replication.md, one real (cached) run, and a slow smoke run of a whole table."""
 import json
 import math
 from pathlib import Path
@@ -44,7 +44,7 @@ def test_commands_are_valid_train_py_commands_with_the_shared_budget(name):
     assert args.flow_backbone == own.get("flow_backbone", settings["flow_backbone"])
     assert argv.count("--flow-backbone") == 1
     if name == "tcc-fix":
-        assert args.init == ["runs/r/ul-oe/seed2/ckpt.pt"] and args.ablation == "tcc-fix"
+        assert args.flow_init == "runs/r/ul-oe/seed2/ckpt.pt" and args.ablation == "tcc-fix" and not args.init
     if name == "flow2seg-efc":
         assert args.flow_from == "runs/r/full/seed2/ckpt.pt"
     if name in train.ABLATIONS:
@@ -140,6 +140,14 @@ def test_readme_update_replaces_only_the_block(tmp_path):
     assert readme.read_text() == "top\n<!-- replicate:efc-table2 -->\nnew table\n<!-- /replicate:efc-table2 -->\nbottom\n"
     with pytest.raises(SystemExit, match="markers"):
         replicate.update_readme(readme, "efc-table1", "x\n")
+
+
+def test_readme_flag_writes_into_the_replication_page_which_holds_every_tables_markers():
+    target = replicate.parse_args(["all", "--readme"]).readme
+    assert target == "docs/replication.md" and replicate.parse_args(["all"]).readme is None
+    text = (Path(__file__).resolve().parent.parent / target).read_text()
+    for table in replicate.TABLES:
+        assert text.count(f"<!-- replicate:{table} -->") == 1 and text.count(f"<!-- /replicate:{table} -->") == 1
 
 
 def test_one_run_trains_evaluates_and_is_cached(world, tmp_path, monkeypatch):

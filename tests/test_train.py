@@ -70,27 +70,68 @@ def test_resume_continues_bitwise(world, tmp_path):
     assert losses_logged(straight) == losses_logged(halves)
 
 
-def test_two_gloo_processes_train_like_one(world, tmp_path):
-    # EFC's flow branch without occlusion (Table 2 "UL"): no dropout, whose masks depend on how the
-    # batch is split, and no thresholded occlusion target, where float noise could flip a pixel.
-    # BatchNorm is synchronised (train.CPUSyncBatchNorm). After one step the two runs agree to
-    # float32 rounding (~1e-7); later steps amplify that, hence the small learning rate.
-    flags = ["--iterations", "3", "--batch", "4", "--no-augment", "--lr", "0.001", "--ablation", "ul"]
+@pytest.mark.parametrize("method", ["psp", "flow2seg", "efc"])
+def test_two_gloo_processes_train_like_one(world, tmp_path, method):
+    # Augmentation on (every item is a function of (seed, epoch, index), not of the split), dropout off
+    # (its masks are the one thing that depends on the split), BatchNorm synchronised
+    # (train.CPUSyncBatchNorm), and every pixel mean taken over the global batch (losses.masked_mean):
+    # 2 processes take the steps 1 process takes, to float32 rounding (~1e-7; later steps amplify it,
+    # hence the small learning rate). efc: each item is a labelled and an unlabelled pair, whose
+    # labelled pixels differ in number between the two halves of the batch.
+    # SGD for every method: Adam's first steps are lr * g / (|g| + eps), which turns the rounding of
+    # gradients near eps into differences of up to lr; SGD's steps are linear in the gradient.
+    flags = ["--iterations", "2", "--batch", "4", "--optimizer", "sgd", "--lr", "0.001", "--no-dropout"]
+    if method == "efc":
+        flags += ["--flow-warmup", "1"]  # one warm-up step, then the paper's losses
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = tiny(world, tmp_path / "one", "flow") + flags
+    one = tiny(world, tmp_path / "one", method) + flags
     subprocess.run([sys.executable, "train.py", *one], cwd=ROOT, env=env, check=True, capture_output=True)
-    two = tiny(world, tmp_path / "two", "flow") + flags
+    two = tiny(world, tmp_path / "two", method) + flags
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                             "train.py", *two], cwd=ROOT, env=env, capture_output=True, text=True)
+                             "train.py", *two], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
-    moved = 0
+    assert a.keys() == b.keys()
     for name, value in a.items():
-        assert torch.allclose(value.float(), b[name].float(), rtol=1e-4, atol=2e-6), name
-        moved += 1
-    assert moved == len(b)
-    assert losses_logged(tmp_path / "one") == pytest.approx(losses_logged(tmp_path / "two"), rel=1e-4)
+        # BatchNorm statistics: one process uses torch's BatchNorm (two-pass variance), two use
+        # CPUSyncBatchNorm (E[x^2] - mean^2 over the global batch): rounding of ~1e-6 relative,
+        # largest on the PPM's 1x1-6x6 pooled maps
+        atol = 1e-5 if "running_" in name else 2e-6
+        assert torch.allclose(value.float(), b[name].float(), rtol=1e-4, atol=atol), name
+    assert losses_logged(tmp_path / "one") == pytest.approx(losses_logged(tmp_path / "two"), rel=1e-5)
+
+
+def torchrun_ablation(world, out, ablation, port, flow_init=None):
+    """One iteration of an EFC ablation on 2 gloo processes -> the CompletedProcess."""
+    method = train.ABLATIONS[ablation][0]
+    argv = tiny(world, out, method, "--iterations", "1", "--batch", "2", "--ablation", ablation, "--flow-warmup", "0")
+    if flow_init:
+        argv += ["--flow-init", flow_init]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "train.py", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("ablation", ["tcc-single", "ul-tc", "tcc-fix"])
+def test_ablations_without_occlusion_or_with_a_fixed_flow_run_under_torchrun(world, tmp_path, ablation):
+    # The rows whose occlusion heads (tcc-single, ul-tc) or whole flow decoder (tcc-fix) get no
+    # gradient: DDP failed on them ("Expected to have finished reduction"). The other rows: pytest -m slow.
+    flow_init = None
+    if ablation == "tcc-fix":
+        train.main(tiny(world, tmp_path / "flow", "flow", "--iterations", "1"))
+        flow_init = str(tmp_path / "flow" / "ckpt.pt")
+    result = torchrun_ablation(world, tmp_path / "run", ablation, 29523, flow_init)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert train.read_checkpoint(tmp_path / "run" / "ckpt.pt")["iteration"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ablation", ["tcc-single-om", "tcc-multi-om", "full", "ul", "ul-oe", "ul-oe-tc"])
+def test_every_other_ablation_runs_under_torchrun(world, tmp_path, ablation):
+    result = torchrun_ablation(world, tmp_path / "run", ablation, 29524)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_killing_a_checkpoint_write_never_leaves_a_broken_file(tmp_path):
@@ -176,20 +217,42 @@ def test_bf16_autocast_run_on_cpu(world, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses_logged(tmp_path))))
 
 
-def test_frozen_parts_stay_exactly_as_initialised(world, tmp_path, capsys):
+def test_frozen_parts_stay_exactly_as_initialised(world, tmp_path, capsys, monkeypatch):
     # EFC Table 1 "TCC_fix": a trained flow branch, fixed; Flow2Seg's flow-path stage: the image path
     # and the fusion fixed. Parameters and BatchNorm statistics of frozen parts must not move.
     torch.set_num_threads(1)
     with pytest.raises(SystemExit):
         train.main(tiny(world, tmp_path / "x", "efc", "--ablation", "tcc-fix"))
-    assert "give --init" in capsys.readouterr().err
+    assert "give --flow-init" in capsys.readouterr().err
     train.main(tiny(world, tmp_path / "flow", "flow", "--iterations", "1"))
+    flow_ckpt = str(tmp_path / "flow" / "ckpt.pt")
     train.main(tiny(world, tmp_path / "fix", "efc", "--iterations", "2", "--ablation", "tcc-fix",
-                    "--init", str(tmp_path / "flow" / "ckpt.pt")))
-    before = torch.load(tmp_path / "flow" / "ckpt.pt", weights_only=True)["model"]
-    after = torch.load(tmp_path / "fix" / "ckpt.pt", weights_only=True)["model"]
-    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("flow."))
-    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("seg.backbone."))
+                    "--flow-init", flow_ckpt))
+    # TCC_fix's flow comes from a frozen copy of the whole flow network (encoder included): on one
+    # pair it stays the same while the segmentation encoder trains (before, it moved by 4.77 px in
+    # 8 steps because the decoder read the training encoder)
+    args = train.parse_args(tiny(world, tmp_path / "y", "efc", "--ablation", "tcc-fix", "--flow-init", flow_ckpt))
+    net = train.build_model("efc", 9, args.backbone, args.flow_backbone, args.max_displacement, args.corr_stride)
+    flow_net = train.fixed_flow_network(flow_ckpt, torch.device("cpu"), print)
+    groups = train.parameter_groups(net, args)
+    optimizer = torch.optim.Adam([q for g in groups for q in g["params"]], lr=1e-3)
+    item = train.training_dataset(args)[0]
+    batch = {k: v[None] for k, v in item.items() if torch.is_tensor(v)}
+    seen = []
+    efc_loss = train.losses.efc_loss
+    def spy(outputs, *a, **kw):
+        seen.append(outputs["flow_ab"][0].clone())
+        return efc_loss(outputs, *a, **kw)
+    monkeypatch.setattr(train.losses, "efc_loss", spy)
+    start = net.seg.backbone.layer3[0].conv1.weight.clone()
+    for _ in range(3):
+        total, _ = train.compute_loss(net, batch, args, 0, flow_net)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    assert seen[0].abs().mean() > 0 and all(torch.equal(seen[0], f) for f in seen[1:])
+    assert not torch.equal(start, net.seg.backbone.layer3[0].conv1.weight)
+    assert all(q.grad is None for q in flow_net.parameters())
 
     train.main(tiny(world, tmp_path / "f2s", "flow2seg", "--iterations", "1"))
     train.main(tiny(world, tmp_path / "path", "flow2seg", "--iterations", "2", "--flow2seg-stage", "flow-path",

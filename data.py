@@ -20,7 +20,7 @@ Sections, in file order
        KittiFlow           KITTI 2015 flow (EFC Tables 2 and 5) and unlabelled pairs
   6. Augmentation, identical on every image, label, flow and mask of a sample (EFC "Implementation
      Details"; Flow2Seg 4.2)                                           JointTransform
-  7. Loading and pictures: worker_init_fn, flow_to_color, colorize, preview
+  7. Loading and pictures: progress, worker_init_fn, flow_to_color, colorize, preview
   8. Command line: `python data.py synth --out DIR`, `python data.py preview --root DIR --out PNG`
 
 A sample is a dict of tensors, recognised by dtype and shape (section 6 relies on it):
@@ -40,6 +40,7 @@ import random
 import re
 import shutil
 import struct
+import sys
 import time
 import zlib
 from collections import namedtuple
@@ -862,9 +863,9 @@ def make_synthetic_world(out=SYNTH_DEFAULT_ROOT, num_train=40, num_val=10, size=
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_die_with_parent) as pool:
-            list(pool.map(_write_snippet, jobs))
+            list(progress(pool.map(_write_snippet, jobs), len(jobs), f"writing the world: snippets"))
     else:
-        for job in jobs:
+        for job in progress(jobs, len(jobs), "writing the world: snippets"):
             _write_snippet(job)
     info = {"names": list(SYNTH_CLASSES), "palette": [list(c) for c in SYNTH_PALETTE], "ignore": 255,
             "size": [height, width], "train": num_train, "val": num_val, "seed": seed,
@@ -1652,6 +1653,28 @@ def _uniform(low, high):
 # =============================================================================================
 # 7. Loading helpers and pictures
 # =============================================================================================
+def progress(items, total, what, every=2.0):
+    """Yield from `items` (`total` of them); on a loop that lasts longer than `every` seconds, show
+    "what: k/total, rate, time left" on stderr: rewritten in place on a terminal, a new line every
+    10 `every` seconds in a log file, and a last line with the time taken."""
+    stream = sys.stderr
+    live = stream.isatty()
+    back = "\r" if live else ""
+    start = last = time.perf_counter()
+    shown = False
+    for k, item in enumerate(items, 1):
+        yield item
+        now = time.perf_counter()
+        if k < total and now - last >= (every if live else 10 * every):
+            rate = k / (now - start)
+            print(f"{back}{what}: {k}/{total}, {rate:.2f}/s, about {(total - k) / rate:.0f} s left",
+                  end="" if live else "\n", file=stream, flush=True)
+            last, shown = now, True
+    if shown:
+        print(f"{back}{what}: {total}/{total} in {time.perf_counter() - start:.0f} s" + " " * 20,
+              file=stream, flush=True)
+
+
 def worker_init_fn(worker_id):
     """DataLoader(worker_init_fn=...): DataLoader already seeds torch in each worker with
     base_seed + worker_id (JointTransform draws from it); seed numpy and `random` from the same

@@ -11,6 +11,7 @@ Covers
   Flow2Seg 4.3 / PSPNet's test procedure: multi-scale inference with flip, sliding-window crops
                                                                           -> segment_multiscale, segment_sliding
   train.py's periodic validation                                          -> validate
+  A run's curves (loss terms, validation metrics) from its log.jsonl       -> draw_curves
   The command line: any checkpoint on its validation set (a table, metrics.json, pictures),
   Cityscapes / KITTI submission files, and a folder of frames without ground truth (see main()).
 
@@ -510,17 +511,22 @@ def evaluate_segmentation(model, method, dataset, device, categories=None, max_i
 
     Pictures `seg_NNN.png` (segmentation_panel) of `pictures` items go to `out`; with `submit`,
     every prediction is written there as a Cityscapes labelIds PNG named like its image.
-    Returns segmentation_metrics(...) plus 'segmentation_images'.
+    Returns segmentation_metrics(...) plus 'segmentation_images'; for flow2seg also
+    'miou_flow_path' and 'iou_flow_path', the flow path's own logits (Flow2Seg Table 2).
     """
     num_classes = len(dataset.classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    path_confusion = torch.zeros_like(confusion)  # Flow2Seg's flow path alone
     count = _count(dataset, max_items)
     picks = _picture_indices(count, pictures)
-    for index in range(count):
+    for index in data.progress(range(count), count, "segmentation"):
         item = _batch(dataset[index], device)
         flow = item["flow"] if method == "flow2seg" else None
         prediction = infer(model, method, item["image"], flow, **(inference or {})).argmax(1)  # (1, H, W)
         confusion += confusion_matrix(prediction, item["label"], num_classes)
+        if method == "flow2seg":  # Flow2Seg Table 2 measures the flow path alone (single scale)
+            path = model(item["image"], flow)["flow_logits"].argmax(1)  # (1, H, W)
+            path_confusion += confusion_matrix(path, item["label"], num_classes)
         if index in picks:
             panel = segmentation_panel(item["image"][0], item["label"][0], prediction[0], palette,
                                        flow[0] if flow is not None else None)
@@ -529,6 +535,9 @@ def evaluate_segmentation(model, method, dataset, device, categories=None, max_i
             write_cityscapes_prediction(Path(submit) / dataset.items[index][0].name, prediction[0])
     metrics = segmentation_metrics(confusion.numpy(), categories)
     metrics["segmentation_images"] = count
+    if method == "flow2seg":
+        path = segmentation_metrics(path_confusion.numpy())
+        metrics["miou_flow_path"], metrics["iou_flow_path"] = path["miou"], path["iou"]
     return metrics
 
 
@@ -572,7 +581,7 @@ def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, 
     truths, identity = [], []
     indices = spread_indices(len(dataset), max_items)
     picks = _picture_indices(len(indices), pictures)
-    for position, index in enumerate(indices):
+    for position, index in enumerate(data.progress(indices, len(indices), "flow: pairs")):
         item = _batch(dataset[index], device)
         image_a, image_b = item["image_a"], item["image_b"]
         predicted = flow_outputs(model, image_a, image_b)
@@ -645,7 +654,8 @@ def evaluate_consistency(model, method, sequence, device, max_items=None, infere
     """
     agree = counted = agree_labels = counted_labels = pairs = 0
     previous = None  # ((snippet, frame index), prediction) of the last segmented frame
-    for index in range(_count(sequence, max_items)):
+    count = _count(sequence, max_items)
+    for index in data.progress(range(count), count, "temporal consistency: pairs"):
         item = _batch(sequence[index], device)
         s, i = int(item["snippet"]), int(item["i"])
         flow = None
@@ -804,6 +814,91 @@ def flow_panel(image_a, image_b, flow, occ_predicted, gt=None, valid=None, occ=N
     return side_by_side(tiles)
 
 
+def read_log(path):
+    """log.jsonl -> (config or None, training records, validation records), each a list of dicts."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    configs = [r["config"] for r in records if "config" in r]
+    return (configs[0] if configs else None, [r for r in records if "loss" in r],
+            [r for r in records if "validation" in r])
+
+
+def curve_series(path):
+    """The series a run's curves show -> list of (title, [(iteration, value)], reference values drawn
+    as grey lines). Training: the total
+    and every loss term that is not 0 throughout (unweighted, as logged). Validation: mIoU and the
+    IoU of every car class (the look-alike cars Flow2Seg tells apart) in %, the flow's EPE with its
+    zero and best-constant baselines in px, F(a, a) in px."""
+    config, train, val = read_log(path)
+    names = [k for k in train[0] if k not in ("iteration", "lr", "images_per_s", "eta_s", "peak_memory_mb")] if train else []
+    series = [(("loss (total, weighted)" if k == "loss" else f"{k} (unweighted)"),
+               [(r["iteration"], r[k]) for r in train if k in r], []) for k in names
+              if any(r.get(k) for r in train)]
+    classes = None
+    if config is not None and val and val[0]["validation"].get("iou") is not None:
+        try:
+            classes = data._dataset_classes(config["data_root"])
+        except (OSError, ValueError, KeyError):
+            classes = None
+    def points(key, scale=1):
+        return [(r["iteration"], scale * r["validation"][key]) for r in val
+                if isinstance(r["validation"].get(key), (int, float))]
+
+    wanted = [("miou", "val mIoU %", 100), ("epe_all", "val EPE px (grey: zero flow, best constant)", 1),
+              ("identity_flow", "val F(a, a) px", 1)]
+    for key, title, scale in wanted:
+        if points(key):
+            refs = [v for k in ("epe_all_zero", "epe_all_const") for _, v in points(k)[-1:]] if key == "epe_all" else []
+            series.append((title, points(key, scale), refs))
+    for key, what in (("iou", ""), ("iou_flow_path", ", flow path alone")):
+        for c, name in enumerate(classes or []):
+            if "car" in name:
+                found = [(r["iteration"], 100 * r["validation"][key][c]) for r in val
+                         if len(r["validation"].get(key) or []) > c and r["validation"][key][c] is not None]
+                if found:
+                    series.append((f"val IoU {name}{what} %", found, []))
+    return series
+
+
+def draw_curves(log_path, out_png, columns=3, tile=(300, 150)):
+    """A picture of a run's curves (curve_series), one small plot per series, from its log.jsonl,
+    with Pillow alone: each plot has its own y range (written at its corners) and the run's
+    iterations on x. Returns the path written."""
+    from PIL import ImageDraw
+    series = curve_series(log_path)
+    if not series:
+        raise ValueError(f"{log_path}: no training or validation records to draw")
+    w, h = tile
+    rows = -(-len(series) // columns)
+    canvas = Image.new("RGB", (columns * w, rows * h), "white")
+    pen = ImageDraw.Draw(canvas)
+    last = max(i for _, points, _ in series for i, _ in points)
+    for k, (title, points, refs) in enumerate(series):
+        x0, y0 = (k % columns) * w, (k // columns) * h
+        left, top, right, bottom = x0 + 44, y0 + 18, x0 + w - 8, y0 + h - 18
+        values = [v for _, v in points]
+        lo, hi = min(values + refs), max(values + refs)
+        if hi - lo < 1e-12:
+            lo, hi = lo - 1, hi + 1
+        pen.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+        pen.text((x0 + 4, y0 + 3), title, fill=(0, 0, 0))
+        pen.text((x0 + 2, top), f"{hi:.3g}", fill=(80, 80, 80))
+        pen.text((x0 + 2, bottom - 10), f"{lo:.3g}", fill=(80, 80, 80))
+        pen.text((left, bottom + 3), "0", fill=(80, 80, 80))
+        pen.text((right - 40, bottom + 3), f"it {last}", fill=(80, 80, 80))
+        xy = [(left + (right - left) * i / max(last, 1), bottom - (bottom - top) * (v - lo) / (hi - lo))
+              for i, v in points]
+        for ref in refs:
+            y = bottom - (bottom - top) * (ref - lo) / (hi - lo)
+            pen.line([(left, y), (right, y)], fill=(170, 170, 170), width=1)
+        if len(xy) > 1:
+            pen.line(xy, fill=(31, 119, 180), width=2)
+        for x, y in xy if len(xy) <= 20 else xy[-1:]:
+            pen.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=(214, 39, 40))
+        pen.text((right - 70, top + 2), f"last {values[-1]:.3g}", fill=(214, 39, 40))
+    canvas.save(out_png)
+    return Path(out_png)
+
+
 # =============================================================================================
 # 7. Benchmark files
 # =============================================================================================
@@ -950,12 +1045,15 @@ def format_table(metrics, classes=None, title=""):
     lines = [title] if title else []
     if "iou" in metrics:
         names = classes or [str(k) for k in range(len(metrics["iou"]))]
-        lines.append(f"{'class':<24}{'IoU %':>9}")
-        lines += [f"{name:<24}{_number(v, 100)}" for name, v in zip(names, metrics["iou"])]
+        path = metrics.get("iou_flow_path")  # Flow2Seg: its flow path alone, a second column
+        lines.append(f"{'class':<24}{'IoU %':>9}" + (f"{'flow path alone':>17}" if path else ""))
+        lines += [f"{name:<24}{_number(v, 100)}" + (_number(path[k], 100, 17) if path else "")
+                  for k, (name, v) in enumerate(zip(names, metrics["iou"]))]
         if "category_ious" in metrics:
             lines += [f"{'category ' + name:<24}{_number(v, 100)}"
                       for name, v in zip(data.CITYSCAPES_CATEGORIES, metrics["category_ious"])]
-        lines.append(f"{'mIoU (IoU cls)':<24}{_number(metrics['miou'], 100)}")
+        lines.append(f"{'mIoU (IoU cls)':<24}{_number(metrics['miou'], 100)}"
+                     + (_number(metrics["miou_flow_path"], 100, 17) if path else ""))
         if "category_iou" in metrics:
             lines.append(f"{'IoU cat':<24}{_number(metrics['category_iou'], 100)}")
         n = metrics["segmentation_images"]
@@ -973,6 +1071,16 @@ def format_table(metrics, classes=None, title=""):
     return "\n".join(lines)
 
 
+def format_metric(name, value):
+    """One validation number for a log line, in the units the tables use: EPEs, flows and the
+    identity check in pixels, every ratio (mIoU, accuracy, Fl, temporal consistency) in %."""
+    if name.startswith(("epe", "const_", "identity")):
+        return f"{name} {value:.2f} px"
+    if name.endswith(("_pixels", "_pairs", "_images")):  # counts
+        return f"{name} {value:.0f}"
+    return f"{name} {100 * value:.2f} %"
+
+
 def json_safe(value):
     """metrics.json and train.py's log: NaN -> null (JSON has no NaN), in nested lists and dicts."""
     if isinstance(value, float) and math.isnan(value):
@@ -988,7 +1096,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Evaluate a train.py checkpoint on its validation set (table, metrics.json, pictures), write "
                     "benchmark files, or run it on a folder of frames.")
-    parser.add_argument("--checkpoint", required=True, help="a train.py checkpoint (ckpt.pt)")
+    parser.add_argument("--checkpoint", help="a train.py checkpoint (ckpt.pt)")
+    parser.add_argument("--curves", metavar="RUN_DIR",
+                        help="instead of evaluating: draw RUN_DIR/curves.png (loss terms and validation metrics "
+                             "over iterations) from RUN_DIR/log.jsonl; train.py draws it at the end of every run")
     parser.add_argument("--dataset", choices=DATASETS, help="override the checkpoint's dataset")
     parser.add_argument("--data-root", help="override the checkpoint's data root")
     parser.add_argument("--flow-dir", help="Flow2Seg's input flows: a flow directory (data.flow_path) for a dataset; "
@@ -1012,6 +1123,17 @@ def main(argv=None):
     parser.add_argument("--flow-checkpoint", help="with --frames: an efc or flow checkpoint giving the flow")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.curves:
+        log = Path(args.curves) / "log.jsonl"
+        if not log.is_file():
+            parser.error(f"--curves {args.curves}: no log.jsonl there (expected a train.py run folder)")
+        try:
+            print(f"wrote {draw_curves(log, Path(args.curves) / 'curves.png')}")
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            parser.error(f"--curves {args.curves}: {e}")
+        return
+    if not args.checkpoint:
+        parser.error("give --checkpoint CKPT (or --curves RUN_DIR)")
     if args.pictures < 0 or (args.max_items is not None and args.max_items < 1):
         parser.error(f"--pictures {args.pictures} must be >= 0 and --max-items {args.max_items} >= 1")
     if not 0 < args.stride_rate <= 1 or any(s <= 0 for s in args.scales) or (args.crop and min(args.crop) < 1):
@@ -1063,6 +1185,8 @@ def main(argv=None):
             if not args.frames:
                 record["split"] = sets["split"]
             Path(args.out, "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+            pictures = len(list(Path(args.out).rglob("*.png")))
+            print(f"wrote {Path(args.out, 'metrics.json')} and {pictures} PNG files under {args.out}")
     except (OSError, ValueError) as e:
         parser.error(str(e))
 

@@ -835,6 +835,10 @@ def main(argv=None):
         f"{len(train_set)} training items, {args.num_classes} classes, {args.backbone}, crop {args.crop[0]}x"
         f"{args.crop[1]}, batch {args.batch} on {world} process(es), {args.iterations} iterations, "
         f"{args.optimizer} lr {args.lr}, device {device}{', bf16' if args.amp else ''}")
+    log("config: " + ", ".join(f"{k} {v}" for k, v in sorted(config.items())))
+    if is_main:  # the log's first record of a run (or of its resumption) is the whole config
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps({"iteration": start, "resumed": bool(args.resume), "config": config}) + "\n")
 
     def checkpoint(iteration, metrics=None):
         rngs = [None] * world
@@ -865,7 +869,7 @@ def main(argv=None):
             record = {"iteration": iteration, "validation": evaluate.json_safe(metrics)}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            log(f"validation at {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+            log(f"validation at {iteration}: " + ", ".join(evaluate.format_metric(k, v) for k, v in metrics.items()
                                                            if isinstance(v, float)))
             if best is None or score > best:
                 best = score
@@ -914,7 +918,7 @@ def main(argv=None):
         optimizer.step()
         seen += args.batch
         done = iteration + 1
-        if is_main and (done % args.log_every == 0 or done == args.iterations):
+        if is_main and (done % args.log_every == 0 or done in (start + 1, args.iterations)):  # first: a sign of life
             elapsed = time.time() - step_time
             rate = seen / max(elapsed, 1e-9)
             eta = (args.iterations - done) * args.batch / max(rate, 1e-9)
@@ -948,6 +952,10 @@ def main(argv=None):
     if is_main and end < args.iterations:
         log(f"stopped after iteration {end} (--stop-after); continue with --resume {out / 'ckpt.pt'}")
     elif is_main:
+        try:
+            log(f"curves: {evaluate.draw_curves(log_path, out / 'curves.png')}")
+        except (OSError, ValueError) as error:  # a picture must not fail a finished run
+            log(f"curves: not drawn ({one_line(error)})")
         where = (f"{out / 'best.pt'} (iteration {best_iteration}, weights only)" if (out / "best.pt").exists()
                  else "the same file" if best_iteration == args.iterations else "no validation ran")
         log(f"done in {(time.time() - t0) / 60:.1f} min. checkpoint {out / 'ckpt.pt'} (best: {where}), log {log_path}")

@@ -665,3 +665,13 @@ def test_the_world_moves_like_a_driving_camera_and_shows_both_cars(tmp_path):
     assert np.median(background) >= 3 and np.percentile(background, 90) >= 8
     assert 6 <= np.percentile(relative, 10) and np.percentile(relative, 90) <= 16.5
     assert cars[0] / cars[2] >= 0.06 and cars[1] / cars[2] >= 0.06, cars
+
+
+def test_progress_reports_rate_and_time_left_only_on_long_loops(capsys):
+    assert list(data.progress(range(3), 3, "quick")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""  # a short loop says nothing
+    for _ in data.progress(range(4), 4, "slow", every=0.005):
+        time.sleep(0.06)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("slow: 1/4, ") and "/s, about " in lines[0] and lines[0].endswith(" s left")
+    assert lines[-1].startswith("slow: 4/4 in ")

@@ -344,6 +344,13 @@ def test_flow2seg_validates_with_the_ground_truth_flow_and_rejects_camvid(world,
     net, _ = evaluate.load_checkpoint(checkpoints["flow2seg"])
     m = evaluate.validate(net, config_for("flow2seg", world), "cpu", max_items=3)
     assert m["segmentation_images"] == 1 and m["consistency_pairs"] == 2 and "epe_all" not in m
+    # the flow path alone (Flow2Seg Table 2), scored like the fused output: its own argmax
+    item = evaluate.validation_datasets(config_for("flow2seg", world))["segmentation"][0]
+    with torch.no_grad():
+        path = net(item["image"][None], item["flow"][None])["flow_logits"].argmax(1)
+    expected = evaluate.segmentation_metrics(evaluate.confusion_matrix(path, item["label"][None], 9).numpy())
+    assert m["miou_flow_path"] == pytest.approx(expected["miou"])
+    assert m["iou_flow_path"] == pytest.approx(expected["iou"], nan_ok=True)
     with pytest.raises(ValueError, match="CamVid has no input flows"):
         evaluate.validation_datasets(config_for("flow2seg", world, dataset="camvid"))
 
@@ -459,3 +466,27 @@ def test_temporal_consistency_over_no_pixel_is_undefined_not_zero(tmp_path, worl
     assert row.split()[2] == "-" and "0.00" not in row
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"]
     assert metrics["temporal_consistency"] is None and metrics["consistency_pixels"] == 0
+
+
+def test_curves_show_the_loss_terms_the_flow_error_and_the_car_ious(tmp_path):
+    root = tmp_path / "world"
+    root.mkdir()
+    (root / "classes.json").write_text(json.dumps({"names": ["road", "car_moving", "car_parked"]}))
+    records = [{"iteration": 0, "resumed": False, "config": {"data_root": str(root)}}]
+    for it in range(1, 5):
+        records.append({"iteration": it, "loss": 5.0 - it, "seg": 1.0 / it, "cons": 0.0, "lr": 0.1})
+    for it, car in ((2, 0.2), (4, 0.5)):
+        records.append({"iteration": it, "validation": {"miou": 0.4, "epe_all": 4.0 / it, "epe_all_zero": 6.0,
+                                                        "epe_all_const": 5.5, "iou": [0.9, car, None]}})
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    series = {title: (points, refs) for title, points, refs in evaluate.curve_series(log)}
+    assert "cons (unweighted)" not in series  # 0 throughout: a term the run does not use
+    assert series["seg (unweighted)"][0] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
+    epe = series["val EPE px (grey: zero flow, best constant)"]
+    assert epe == ([(2, 2.0), (4, 1.0)], [6.0, 5.5])
+    assert series["val IoU car_moving %"][0] == [(2, 20.0), (4, 50.0)]
+    assert "val IoU car_parked %" not in series  # absent from ground truth and prediction: no points
+    picture = np.asarray(Image.open(evaluate.draw_curves(log, tmp_path / "curves.png")))
+    assert ((picture == (31, 119, 180)).all(axis=2)).sum() > 100  # the curves are drawn
+    assert evaluate.main(["--curves", str(tmp_path)]) is None and (tmp_path / "curves.png").is_file()

@@ -336,7 +336,9 @@ def test_a_run_folder_is_never_reused_silently_and_resume_keeps_the_runs_setting
     assert iterations == [1, 2, 3, 4] and 123.0 not in losses_logged(run)
     # --overwrite starts afresh
     train.main(tiny(world, run, "psp", "--iterations", "1", "--overwrite"))
-    assert [line["iteration"] for line in map(json.loads, open(run / "log.jsonl"))] == [1, 1]  # loss, validation
+    records = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [line["iteration"] for line in records] == [0, 1, 1]  # config, loss, validation
+    assert records[0]["config"]["iterations"] == 1 and records[0]["resumed"] is False
 
 
 def test_best_pt_holds_weights_only_and_only_when_it_is_not_the_last_checkpoint(world, tmp_path, monkeypatch):

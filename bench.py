@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import losses
 import model
 import train
@@ -781,7 +782,7 @@ def parse_args(argv=None):
                    choices=["flops", "inference", "training", "micro"], help="what to measure (default: all)")
     p.add_argument("--matmul-size", type=int, help="n of the n x n matmul of the peak (cuda 8192; cpu 2048)")
     p.add_argument("--json", metavar="OUT", help="write the report here as JSON")
-    args = p.parse_args(argv)
+    args = data.one_line_errors(p).parse_args(argv)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     args.device = "cuda" if cuda else "cpu"
     defaults = {"size": [1024, 2048] if cuda else [256, 512], "crop": None if cuda else [192, 192],

@@ -20,7 +20,7 @@ Sections, in file order
        KittiFlow           KITTI 2015 flow (EFC Tables 2 and 5) and unlabelled pairs
   6. Augmentation, identical on every image, label, flow and mask of a sample (EFC "Implementation
      Details"; Flow2Seg 4.2)                                           JointTransform
-  7. Loading and pictures: progress, worker_init_fn, flow_to_color, colorize, preview
+  7. Loading, command lines and pictures: one_line_errors, progress, worker_init_fn, flow_to_color, colorize, preview
   8. Command line: `python data.py synth --out DIR`, `python data.py preview --root DIR --out PNG`
 
 A sample is a dict of tensors, recognised by dtype and shape (section 6 relies on it):
@@ -1653,6 +1653,13 @@ def _uniform(low, high):
 # =============================================================================================
 # 7. Loading helpers and pictures
 # =============================================================================================
+def one_line_errors(parser):
+    """Make an argparse parser report a bad command line in one line (argparse prints the whole
+    usage block first); --help still shows everything. Returns the parser."""
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (--help lists the flags)\n")
+    return parser
+
+
 def progress(items, total, what, every=2.0):
     """Yield from `items` (`total` of them); on a loop that lasts longer than `every` seconds, show
     "what: k/total, rate, time left" on stderr: rewritten in place on a terminal, a new line every
@@ -1762,7 +1769,7 @@ def main():
     show.add_argument("--out", required=True, help="the PNG to write")
     show.add_argument("--split", default="train")
     show.add_argument("--rows", type=int, default=3, help="snippets to show (default: %(default)s)")
-    args = parser.parse_args()
+    args = one_line_errors(parser).parse_args()
     try:
         if args.command == "synth":
             if args.train < 0 or args.val < 0:

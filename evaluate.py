@@ -1122,7 +1122,7 @@ def main(argv=None):
     parser.add_argument("--frames", help="a folder of video frames without ground truth (needs --out)")
     parser.add_argument("--flow-checkpoint", help="with --frames: an efc or flow checkpoint giving the flow")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    args = data.one_line_errors(parser).parse_args(argv)
     if args.curves:
         log = Path(args.curves) / "log.jsonl"
         if not log.is_file():

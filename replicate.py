@@ -453,7 +453,7 @@ def parse_args(argv=None):
     p.add_argument("--readme", metavar="FILE", nargs="?", const="docs/replication.md",
                    help="put the tables into this file between its replicate markers (default file "
                         "docs/replication.md)")
-    args = p.parse_args(argv)
+    args = data.one_line_errors(p).parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds}: need at least 1")
     for flag in ("iterations", "eval_snippets"):

@@ -125,11 +125,11 @@ def parse_args(argv=None):
                    help="kitti: unsupervised flow on KITTI 2015 multiview frames (method flow only)")
     g.add_argument("--data-root", help="dataset folder (default for synthetic: data/synthetic, generated if missing)")
     g.add_argument("--frames-dir", help="CamVid: folder of video frames for the unlabelled neighbours (efc, flow)")
-    g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (quick 96 96; paper 713 / 832)")
+    g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop")
     g.add_argument("--pairs-per-snippet", type=int, help="EFC: pairs per snippet per epoch (paper: 10); --method "
                    "efc: half of them with the labelled frame, each item one of those plus one without")
     g.add_argument("--labelled-pairs", type=int, help="EFC: how many of them contain the labelled frame (default: half)")
-    g.add_argument("--max-gap", type=int, help="EFC: pairs (I_i, I_i+t) with 1 <= t <= max-gap (paper: 5; quick: 2)")
+    g.add_argument("--max-gap", type=int, help="EFC: pairs (I_i, I_i+t) with 1 <= t <= max-gap")
     g.add_argument("--no-augment", action="store_true", help="no scale/rotation/flip/jitter; centre crop only")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per training process")
     g = p.add_argument_group("Flow2Seg flow input (F_t->t-1 of the labelled frame)")
@@ -139,9 +139,9 @@ def parse_args(argv=None):
                    help="an efc/flow checkpoint: compute the flows once with it into RUN/flows, then train on them")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
-                   help="image backbone (quick: resnet18; paper: resnet101)")
+                   help="image backbone")
     g.add_argument("--flow-backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
-                   help="Flow2Seg's flow-path backbone (paper: resnet18)")
+                   help="Flow2Seg's flow-path backbone")
     g.add_argument("--pretrained", metavar="FILE", help="ImageNet ResNet state dict (torchvision names) for the "
                                                         "image backbone; for flow2seg also --pretrained-flow")
     g.add_argument("--pretrained-flow", metavar="FILE", help="ImageNet ResNet file for Flow2Seg's flow backbone "
@@ -150,37 +150,36 @@ def parse_args(argv=None):
                    help="initialise from a checkpoint of this project (repeatable): psp -> flow2seg's image path or "
                         "efc's segmentation branch; flow -> efc; same method -> everything")
     g.add_argument("--freeze", help="comma-separated parameter-name prefixes to freeze, e.g. 'image' (Flow2Seg's "
-                                    "image path) or 'flow' (EFC's flow decoder); 'none' freezes nothing (quick "
-                                    "recipe: 'seg', the world-trained encoder, for --method flow; else none)")
+                                    "image path) or 'flow' (EFC's flow decoder); 'none' freezes nothing")
     g.add_argument("--flow2seg-stage", choices=["joint", "flow-path"], default="joint",
                    help="flow-path: train Flow2Seg's flow path alone (loss L_Flow2Seg, the rest frozen); "
                         "joint: all of eq. (1)")
-    g.add_argument("--max-displacement", type=int, help="EFC correlation range in stride-8 pixels (paper 20; quick 4)")
-    g.add_argument("--corr-stride", type=int, help="EFC correlation displacement stride (paper 2; quick 1)")
+    g.add_argument("--max-displacement", type=int, help="EFC correlation range in stride-8 pixels")
+    g.add_argument("--corr-stride", type=int, help="EFC correlation displacement stride")
     g.add_argument("--no-world-init", action="store_true",
                    help="quick recipe on the synthetic world: start efc / flow / flow2seg from scratch instead of "
                         "from a PSPNet trained on the world (see world_encoder)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iterations", type=int, help="training iterations (quick 200; EFC 120000; Flow2Seg 100000)")
-    g.add_argument("--batch", type=int, help="global batch (quick 4; EFC 16; Flow2Seg 8), split over processes")
-    g.add_argument("--optimizer", choices=["sgd", "adam"], help="sgd (momentum 0.9) or adam (EFC: sgd; Flow2Seg: adam)")
+    g.add_argument("--iterations", type=int, help="training iterations")
+    g.add_argument("--batch", type=int, help="global batch, split over processes (efc: items of a labelled + an unlabelled pair)")
+    g.add_argument("--optimizer", choices=["sgd", "adam"], help="sgd (momentum 0.9) or adam")
     g.add_argument("--lr", type=float, help="base learning rate, decayed by (1 - it/iterations)^0.9")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay (both papers: 1e-4)")
     g.add_argument("--flow-lr-mult", type=float,
-                   help="lr multiplier of EFC's flow decoder (paper recipe 0.1, see docs/choices.md: at the full lr, SGD "
-                        "moves an untrained decoder's flow by hundreds of pixels in one step; quick recipe, Adam: 1)")
+                   help="lr multiplier of EFC's flow decoder (see docs/choices.md: at the full lr, SGD moves an "
+                        "untrained decoder's flow by hundreds of pixels in one step)")
     g.add_argument("--no-dropout", action="store_true",
                    help="turn the heads' dropout (p 0.1) off: its masks are the one thing that differs between a "
                         "run on N processes and on one (a check, not a recipe)")
     g.add_argument("--clip-grad", type=float,
-                   help="clip the gradient norm (0: off); default 10 for efc and flow (their flow decoder), else off")
+                   help="clip the gradient norm (0: off; efc and flow clip for their flow decoder)")
     g.add_argument("--cons-weight", type=float, default=losses.EFC_WEIGHTS["cons"], help="EFC lambda_cons")
     g.add_argument("--occ-weight", type=float, default=losses.EFC_WEIGHTS["occ"], help="EFC lambda_occ")
     g.add_argument("--sm-weight", type=float, default=losses.EFC_WEIGHTS["sm"], help="EFC lambda_sm")
     g.add_argument("--flow-warmup", type=int, metavar="N",
                    help="efc / flow: the first N iterations train the flow decoder towards its correlation's own "
                         "soft-argmax flow (label-free; not in the paper) before the paper's flow losses take over "
-                        "(quick: 100; paper: 0; see losses.efc_loss)")
+                        "(see losses.efc_loss)")
     g.add_argument("--flow-supervised", action="store_true",
                    help="diagnostic (--method flow, synthetic world): train the same flow decoder on the true flow "
                         "(EPE) instead of the unsupervised losses, to tell the decoder's capacity from the losses'")
@@ -190,18 +189,20 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out folder that already holds a run (its ckpt.pt, best.pt and "
                         "log.jsonl are replaced); without it such a folder is refused")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data order and the augmentation")
     g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (photometric-family losses stay float32)")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
     g.add_argument("--log-every", type=int, help="iterations between log lines")
     g.add_argument("--val-every", type=int, help="iterations between validations (0: only at the end)")
-    g.add_argument("--val-items", type=int, help="cap on the items of each validation set (quick: 60; paper: all)")
+    g.add_argument("--val-items", type=int, help="cap on the items of each validation set (none: all)")
     g.add_argument("--ckpt-every", type=int, help="iterations between checkpoints")
     g.add_argument("--stop-after", type=int, metavar="N",
                    help="stop (with a checkpoint) after N iterations of this invocation, e.g. to fit a cluster's "
                         "time limit; --resume continues as if never stopped")
+    recipe_help(p)
+    data.one_line_errors(p)
     args = p.parse_args(argv)
 
     explicit_warmup = args.flow_warmup is not None
@@ -258,6 +259,29 @@ def parse_args(argv=None):
         resume_settings(p, args, sys.argv[1:] if argv is None else argv)
     args.out = args.out or os.path.join("runs", args.method if not args.ablation else f"efc-{args.ablation}")
     return args
+
+
+def recipe_help(parser):
+    """Append to every flag's help what it defaults to: the recipes' values for the flags a recipe
+    sets (quick per method where they differ; paper for efc / flow / psp and for flow2seg), else
+    the parser default. Generated from QUICK, OPTIMIZER and PAPER_*, so --help cannot drift."""
+    computed = {"clip_grad": "10 for efc and flow, else 0", "freeze": "quick: seg for flow, else none; paper: none"}
+    quick = {**QUICK,
+             "optimizer": ", ".join(f"{m} {o}" for m, (o, _) in OPTIMIZER.items()),
+             "lr": ", ".join(f"{m} {lr:g}" for m, (_, lr) in OPTIMIZER.items())}
+    for action in parser._actions:
+        key = action.dest
+        if action.help in (None, argparse.SUPPRESS) or key == "help":
+            continue
+        if key in computed:
+            action.help += f" [default: {computed[key]}]"
+        elif key in quick:
+            paper = ("" if key not in PAPER_EFC else
+                     f"; paper: {PAPER_EFC[key]}" if PAPER_EFC[key] == PAPER_FLOW2SEG[key] else
+                     f"; paper: {PAPER_EFC[key]}, flow2seg {PAPER_FLOW2SEG[key]}")
+            action.help += f" [quick: {quick[key]}{paper}]"
+        elif action.default not in (None, False, [], argparse.SUPPRESS):
+            action.help += f" [default: {action.default}]"
 
 
 # Flags that may differ between a run and its --resume: where and how it runs, not what it computes.

@@ -183,8 +183,13 @@ def test_a_non_finite_loss_stops_naming_the_term_and_keeps_the_last_checkpoint(w
 def test_command_line_errors(world, tmp_path, capsys):
     help_text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_text.returncode == 0 and "--flow-lr-mult" in help_text.stdout and "--recipe" in help_text.stdout
+    # every recipe-dependent flag says what each recipe gives it (generated from the recipe tables)
+    flat = " ".join(help_text.stdout.split())
+    assert "[quick: [96, 96]; paper: [713, 713], flow2seg [832, 832]]" in flat
+    assert "[quick: psp 0.01, efc 0.0001, flow 0.0001, flow2seg 0.0002; paper: 0.01, flow2seg 2e-05]" in flat
     unknown = subprocess.run([sys.executable, "train.py", "--method", "unet"], cwd=ROOT, capture_output=True, text=True)
     assert unknown.returncode == 2 and "invalid choice: 'unet'" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1  # one line, no usage block
     with pytest.raises(SystemExit, match="no such folder"):
         train.main(["--method", "psp", "--dataset", "cityscapes", "--data-root", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit):

@@ -529,7 +529,7 @@ def evaluate_segmentation(model, method, dataset, device, categories=None, max_i
             path_confusion += confusion_matrix(path, item["label"], num_classes)
         if index in picks:
             panel = segmentation_panel(item["image"][0], item["label"][0], prediction[0], palette,
-                                       flow[0] if flow is not None else None)
+                                       flow[0] if flow is not None else None, dataset.classes)
             Image.fromarray(panel).save(Path(out) / f"seg_{picks[index]:03d}.png")
         if submit is not None:
             write_cityscapes_prediction(Path(submit) / dataset.items[index][0].name, prediction[0])
@@ -767,8 +767,55 @@ def side_by_side(tiles, gap=2):
     return np.concatenate([x for tile in tiles for x in (tile, space)][:-1], axis=1)
 
 
-def segmentation_panel(image, label, prediction, palette, flow=None):
-    """image | ground truth | prediction | error [| input flow for Flow2Seg], (H, 4-5 W, 3) uint8.
+def annotate(tiles, titles, footer=None, gap=2):
+    """Tiles (H, W, 3) uint8 side by side (side_by_side) under a white strip with one title per tile
+    (several lines where a title holds newlines), with an optional footer image below (a legend)."""
+    from PIL import ImageDraw
+    row = side_by_side(tiles, gap)
+    lines = max(t.count("\n") + 1 for t in titles)
+    strip = Image.new("RGB", (row.shape[1], 12 * lines + 4), "white")
+    pen = ImageDraw.Draw(strip)
+    x = 0
+    for tile, title in zip(tiles, titles):
+        pen.multiline_text((x + 2, 2), title, fill=(0, 0, 0), spacing=1)
+        x += tile.shape[1] + gap
+    parts = [np.asarray(strip), row]
+    if footer is not None:
+        width = row.shape[1]
+        footer = footer[:, :width] if footer.shape[1] >= width else np.pad(
+            footer, ((0, 0), (0, width - footer.shape[1]), (0, 0)), constant_values=255)
+        parts.append(footer)
+    return np.concatenate(parts, axis=0)
+
+
+def class_legend(names, palette, width=None, swatch=10):
+    """A legend (h, w, 3) uint8: a colour swatch and the name of every class, wrapped to `width`."""
+    from PIL import ImageDraw
+    cell = swatch + 6 + 7 * max(len(n) for n in names) + 10
+    per_row = max(1, (width or cell * len(names)) // cell)
+    rows = -(-len(names) // per_row)
+    canvas = Image.new("RGB", (per_row * cell, rows * (swatch + 6) + 4), "white")
+    pen = ImageDraw.Draw(canvas)
+    for k, name in enumerate(names):
+        x, y = (k % per_row) * cell + 2, (k // per_row) * (swatch + 6) + 3
+        pen.rectangle([x, y, x + swatch, y + swatch], fill=tuple(int(c) for c in palette[k]), outline=(0, 0, 0))
+        pen.text((x + swatch + 4, y), name, fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def flow_key(size, max_radius):
+    """The colour-wheel key of data.flow_to_color: (size, size, 3) uint8, a disc whose rim is a flow
+    of max_radius pixels (hue = direction: right red, down yellow, left cyan, up violet)."""
+    r = np.linspace(-1, 1, size)
+    u, v = np.meshgrid(r, r)  # x right, y down
+    disc = np.hypot(u, v) <= 1
+    key = data.flow_to_color(np.stack([u, v], -1) * max_radius, max_radius)
+    return np.where(disc[..., None], key, 255).astype(np.uint8)
+
+
+def segmentation_panel(image, label, prediction, palette, flow=None, names=None):
+    """image | ground truth | prediction | error [| input flow for Flow2Seg | its colour key],
+    titled, with a class legend below when `names` are given: (H', W', 3) uint8.
 
     image (3, H, W) normalised; label, prediction (H, W); flow (2, H, W) Flow2Seg's input.
     Colours are the dataset's palette, ignored pixels black; error: white = wrong, black = right,
@@ -777,14 +824,25 @@ def segmentation_panel(image, label, prediction, palette, flow=None):
     label, prediction = label.cpu().numpy(), prediction.cpu().numpy()
     error = np.where(label == IGNORE, 0.5, (label != prediction).astype(np.float64))
     tiles = [to_rgb(image), data.colorize(label, palette), data.colorize(prediction, palette), grey(error)]
+    titles = ["image", "ground truth\n(black: ignored)", "prediction", "error: white wrong,\nblack right, grey ignored"]
     if flow is not None:
-        tiles.append(data.flow_to_color(flow.permute(1, 2, 0).cpu().numpy()))
-    return side_by_side(tiles)
+        flow_np = flow.permute(1, 2, 0).cpu().numpy()
+        radius = max(float(np.hypot(flow_np[..., 0], flow_np[..., 1]).max()), 1e-3)
+        tiles += [data.flow_to_color(flow_np, radius), flow_key(label.shape[0], radius)]
+        titles += ["input flow F_t->t-1", f"flow key: rim\n= {radius:.1f} px"]
+    legend = class_legend(names, palette, sum(t.shape[1] + 2 for t in tiles)) if names else None
+    return annotate(tiles, titles, legend)
+
+
+def overlay(image, prediction, palette, alpha=0.5):
+    """The segmentation blended over its frame: (H, W, 3) uint8, `alpha` of the class colour."""
+    colour = data.colorize(prediction, palette).astype(np.float64)
+    return np.rint((1 - alpha) * to_rgb(image) + alpha * colour).astype(np.uint8)
 
 
 def flow_panel(image_a, image_b, flow, occ_predicted, gt=None, valid=None, occ=None):
     """image | ground-truth flow | predicted flow | ground-truth occlusion | predicted occlusion |
-    photometric error, (H, 6 W, 3) uint8.
+    photometric error | the flows' colour key, titled, (H', 7 W, 3) uint8.
 
     image_a, image_b (3, H, W) normalised; flow (2, H, W) predicted F_a->b; occ_predicted (H, W)
     O_est in [0, 1]; gt (2, H, W), valid (H, W), occ (H, W) bool, all optional (black tiles without).
@@ -811,7 +869,11 @@ def flow_panel(image_a, image_b, flow, occ_predicted, gt=None, valid=None, occ=N
     error_tile = np.where(inside[0, 0, ..., None].cpu().numpy() > 0, grey(error), np.array([255, 0, 0], np.uint8))
     tiles = [to_rgb(image_a), gt_tile, data.flow_to_color(flow_np, max_radius), occ_tile,
              grey(occ_predicted.cpu().numpy()), error_tile.astype(np.uint8)]
-    return side_by_side(tiles)
+    radius = max_radius if max_radius is not None else max(float(np.hypot(flow_np[..., 0], flow_np[..., 1]).max()), 1e-3)
+    tiles.append(flow_key(H, radius))
+    titles = ["frame a", "true flow a->b\n(black: none)", "predicted flow", "true occlusion\n(white)",
+              "predicted O_est\n(white = 1)", "|I_a - warp(I_b)|\nred: leaves frame", f"flow key: rim\n= {radius:.1f} px"]
+    return annotate(tiles, titles)
 
 
 def read_log(path):
@@ -1015,6 +1077,8 @@ def run_frames(model, method, frames, out, device, palette, inference=None, flow
                     flow_input = flows["flow_ab"]
             prediction = infer(model, method, image, flow_input, **(inference or {})).argmax(1)  # (1, H, W)
             Image.fromarray(data.colorize(prediction[0].cpu().numpy(), palette)).save(out / f"{frame.stem}_seg.png")
+            Image.fromarray(overlay(image[0], prediction[0].cpu().numpy(), palette)).save(
+                out / f"{frame.stem}_overlay.png")
             if flows is not None:
                 occluded = warp.fb_occlusion(flows["flow_ba"], flows["flow_ab"])[:, 0] > 0  # pixels of t-1
                 a, c = consistency_counts(previous_prediction, prediction, flows["flow_ba"], occluded)

@@ -371,9 +371,11 @@ def test_command_line_prints_the_table_and_writes_metrics_and_pictures(tmp_path,
     assert [v is None for v in record["metrics"]["iou"]] == [bool(np.isnan(v)) for v in expected["iou"]]
     pictures = {p.name: np.array(Image.open(p)).shape
                 for p in out.glob("*.png")}
-    assert pictures == {"seg_000.png": (48, 4 * 64 + 3 * 2, 3),  # one labelled frame in the world's val split
-                        "flow_000.png": (48, 6 * 64 + 5 * 2, 3), "flow_001.png": (48, 6 * 64 + 5 * 2, 3),
-                        "flow_002.png": (48, 6 * 64 + 5 * 2, 3)}
+    # one labelled frame in the world's val split: 4 tiles under two lines of titles (28 px), over a
+    # legend of the 9 classes (5 rows of 16 px at this width); flows: 6 tiles and the 48 px flow key
+    titles, legend = 28, 5 * 16 + 4
+    assert pictures == {"seg_000.png": (titles + 48 + legend, 4 * 64 + 3 * 2, 3),
+                        **{f"flow_00{k}.png": (titles + 48, 6 * 64 + 48 + 6 * 2, 3) for k in range(3)}}
 
 
 def test_command_line_writes_cityscapes_submission_files(tmp_path, world, capsys):
@@ -435,8 +437,13 @@ def test_command_line_runs_flow2seg_on_a_folder_of_frames(tmp_path, world, check
                    "--flow-checkpoint", str(checkpoints["efc"])])
     printed = capsys.readouterr().out
     assert "frame 3/3" in printed and "temporal consistency" in printed
-    assert sorted(p.name for p in out.glob("*.png")) == ["frame0_flow.png", "frame0_seg.png", "frame1_flow.png",
-                                                          "frame1_seg.png", "frame2_seg.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["frame0_flow.png", "frame0_overlay.png", "frame0_seg.png",
+                                                          "frame1_flow.png", "frame1_overlay.png", "frame1_seg.png",
+                                                          "frame2_overlay.png", "frame2_seg.png"]
+    # the overlay is half frame, half class colour
+    frame = np.asarray(Image.open(frames / "frame2.png").convert("RGB")).astype(np.float64)
+    seg = np.asarray(Image.open(out / "frame2_seg.png")).astype(np.float64)
+    assert np.abs(np.asarray(Image.open(out / "frame2_overlay.png")) - (frame + seg) / 2).max() <= 1.01
     assert json.loads((out / "metrics.json").read_text())["metrics"]["consistency_pairs"] == 2
     # precomputed flows: the first frame may have none (zero flow), every other frame needs its file
     flows = tmp_path / "flows"
@@ -490,3 +497,19 @@ def test_curves_show_the_loss_terms_the_flow_error_and_the_car_ious(tmp_path):
     picture = np.asarray(Image.open(evaluate.draw_curves(log, tmp_path / "curves.png")))
     assert ((picture == (31, 119, 180)).all(axis=2)).sum() > 100  # the curves are drawn
     assert evaluate.main(["--curves", str(tmp_path)]) is None and (tmp_path / "curves.png").is_file()
+
+
+def test_pictures_explain_themselves():
+    palette = [(128, 64, 128), (0, 0, 142), (250, 170, 30)]
+    image, label = torch.zeros(3, 20, 30), torch.tensor([[0, 1, 2] * 10] * 20)
+    flow = torch.zeros(2, 20, 30)
+    flow[0] = 3.0  # 3 px to the right everywhere
+    panel = evaluate.segmentation_panel(image, label, label, palette, flow, ["road", "car_moving", "car_parked"])
+    row = 16  # below the title strip (two lines of 12 px + 4)
+    assert panel.shape[1] == 5 * 30 + 20 + 5 * 2 and panel.shape[0] > row + 20 + 10  # 5 tiles, key; titles, legend
+    legend = panel[row + 20:]
+    for colour in palette:  # every class has its swatch in the legend
+        assert (legend == colour).all(axis=2).any()
+    key = evaluate.flow_key(21, 3.0)
+    assert (key[10, 20] == data.flow_to_color(np.array([[[3.0, 0.0]]]), 3.0)[0, 0]).all()  # rim, right: 3 px
+    assert (key[10, 10] == 255).all() and (key[0, 0] == 255).all()  # centre: no motion (white); outside: white

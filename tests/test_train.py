@@ -118,10 +118,12 @@ def torchrun_ablation(world, out, ablation, port, flow_init=None):
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("ablation", ["tcc-single", "ul-tc", "tcc-fix"])
+@pytest.mark.parametrize("ablation", ["tcc-single", pytest.param("ul-tc", marks=pytest.mark.slow),
+                                      pytest.param("tcc-fix", marks=pytest.mark.slow)])  # suite time
 def test_ablations_without_occlusion_or_with_a_fixed_flow_run_under_torchrun(world, tmp_path, ablation):
     # The rows whose occlusion heads (tcc-single, ul-tc) or whole flow decoder (tcc-fix) get no
-    # gradient: DDP failed on them ("Expected to have finished reduction"). The other rows: pytest -m slow.
+    # gradient: DDP failed on them ("Expected to have finished reduction"). tcc-single runs by default,
+    # ul-tc, tcc-fix and the other rows with pytest -m slow (each is a 2-process run of ~40 s).
     flow_init = None
     if ablation == "tcc-fix":
         train.main(tiny(world, tmp_path / "flow", "flow", "--iterations", "1"))

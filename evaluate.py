@@ -134,13 +134,17 @@ def load_checkpoint(path, device="cpu"):
     """A train.py checkpoint -> (network in eval mode on `device`, the checkpoint dict)."""
     checkpoint = read_checkpoint(path, device)
     method, config = checkpoint["method"], checkpoint["config"]
+    # context / flow_context (train.py --context / --flow-context) are absent from checkpoints made
+    # before they existed, whose networks are the defaults: PSPNet, and Flow2Seg's FCN flow path.
+    context, flow_context = config.get("context", "psp"), config.get("flow_context", "fcn")
     net = models.build_model(method, config["num_classes"], config["backbone"], config["flow_backbone"],
-                             config["max_displacement"], config["corr_stride"])
+                             config["max_displacement"], config["corr_stride"], context, flow_context)
     try:
         net.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
-        raise ValueError(f"{path}: the weights do not fit a {method} network with backbone {config['backbone']} and "
-                         f"{config['num_classes']} classes ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: the weights do not fit a {method} network with backbone {config['backbone']}, "
+                         f"context {context}, flow context {flow_context} and {config['num_classes']} classes "
+                         f"({str(e).splitlines()[0]})") from None
     return net.to(device).eval(), checkpoint
 
 
@@ -357,6 +361,25 @@ def segmentation_metrics(confusion, categories=None):
     return out
 
 
+LOOK_ALIKE = ("car_moving", "car_parked")
+
+
+def merged_car_metrics(confusion, classes):
+    """The synthetic world's look-alike cars merged into one class: 'iou_car_merged' and
+    'miou_cars_merged' (the mIoU over K - 1 classes); {} for a dataset without them. Why: the two
+    come from one sprite generator and differ only in motion, so a network that reads one image
+    (the PSPNet, EFC at inference) can only guess which is which; their split IoUs measure that
+    guess, the merged IoU what the image can tell (a car). Flow2Seg's claim is the split."""
+    classes = list(classes)
+    if not all(name in classes for name in LOOK_ALIKE):
+        return {}
+    moving, parked = (classes.index(name) for name in LOOK_ALIKE)
+    merged = [k - (k > parked) for k in range(len(classes))]  # class index -> index with parked removed
+    merged[parked] = merged[moving]
+    result = segmentation_metrics(confusion, merged)
+    return {"miou_cars_merged": result["category_iou"], "iou_car_merged": result["category_ious"][merged[moving]]}
+
+
 def flow_error_counts(flow, gt, valid):
     """Per-image sums for the flow metrics.
 
@@ -534,6 +557,7 @@ def evaluate_segmentation(model, method, dataset, device, categories=None, max_i
         if submit is not None:
             write_cityscapes_prediction(Path(submit) / dataset.items[index][0].name, prediction[0])
     metrics = segmentation_metrics(confusion.numpy(), categories)
+    metrics.update(merged_car_metrics(confusion.numpy(), dataset.classes))
     metrics["segmentation_images"] = count
     if method == "flow2seg":
         path = segmentation_metrics(path_confusion.numpy())
@@ -1120,6 +1144,9 @@ def format_table(metrics, classes=None, title=""):
                      + (_number(metrics["miou_flow_path"], 100, 17) if path else ""))
         if "category_iou" in metrics:
             lines.append(f"{'IoU cat':<24}{_number(metrics['category_iou'], 100)}")
+        if "miou_cars_merged" in metrics:  # what one image can tell: a car, not which car (merged_car_metrics)
+            lines.append(f"{'car, both kinds merged':<24}{_number(metrics['iou_car_merged'], 100)}")
+            lines.append(f"{'mIoU, cars merged':<24}{_number(metrics['miou_cars_merged'], 100)}")
         n = metrics["segmentation_images"]
         lines.append(f"{'pixel accuracy':<24}{_number(metrics['pixel_acc'], 100)}   ({n} image{'s' * (n != 1)})")
     if "temporal_consistency" in metrics:

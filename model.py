@@ -4,7 +4,10 @@ and Flow2Seg's image + flow network, plus a parameter/FLOP summary.
 Covers
   Flow2Seg 3.1  dilated ResNet (output stride 8); 2-channel ResNet-18 for flow; FCN head
                                                                 -> resnet, load_pretrained, fcn_head
+  Flow2Seg 3.1, Table 2  the flow path's context modules: DeepLabv3's ASPP, DenseASPP, pyramid
+                pooling                                          -> ASPP, DenseASPP, context_module
   Flow2Seg 3.2  Image2Seg = PSPNet: pyramid pooling, auxiliary head  -> PyramidPooling, PSPNet
+  Flow2Seg Table 3  "ResNet101-FCN": PSPNet without its pyramid  -> PSPNet(context="fcn")
   Flow2Seg 3.3  residual fusion                                  -> ResidualFusion, Flow2SegNet
   EFC "Framework Overview": shared encoder = ResNet layers 1-3, segmentation decoder = layer 4 +
                 PSP head, flow decoder on the features of both frames -> EFCNet
@@ -214,8 +217,10 @@ def load_pretrained(backbone, path):
 # ---------------------------------------------------------------------------------------------
 # Segmentation heads
 # ---------------------------------------------------------------------------------------------
-def conv_bn_relu(in_channels, out_channels, kernel_size):
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+def conv_bn_relu(in_channels, out_channels, kernel_size, dilation=1):
+    # padding = dilation * (k // 2) keeps h and w for an odd kernel k at any dilation
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2),
+                                   dilation=dilation, bias=False),
                          nn.BatchNorm2d(out_channels), nn.ReLU())
 
 
@@ -257,19 +262,108 @@ class PyramidPooling(nn.Module):
         return torch.cat([x] + pooled, 1)  # (B, out_channels, h, w)
 
 
+class ASPP(nn.Module):
+    """DeepLabv3's atrous spatial pyramid pooling (Chen et al. 2017, Flow2Seg's [4]; a context module
+    of Flow2Seg Table 2): five parallel branches on the backbone output, each to `channels` with BN and
+    ReLU: a 1x1 conv, three 3x3 convs at dilations `rates`, and image pooling (global mean, 1x1 conv,
+    upsampled); concatenated (5 x channels) and projected by a 1x1 conv + BN + ReLU to `channels`.
+
+    Rates (12, 24, 36): DeepLabv3 uses (6, 12, 18) at output stride 16 and doubles them at output
+    stride 8, the stride of our flow path; Flow2Seg gives none. Where the feature map is no larger than
+    a rate in height and width (the quick recipe's 96x96 crop is 12x12 at stride 8), every off-centre
+    tap of that branch falls in the zero padding and the branch is a 1x1 conv: DeepLabv3's reason for
+    adding image pooling.
+    The image-pooling branch has one pixel per image: a conv bias and no BatchNorm, as PyramidPooling's
+    bin 1 (DeepLabv3 has BN there, at batch 16). No dropout after the projection (the head has its own).
+    """
+
+    def __init__(self, in_channels, channels, rates=(12, 24, 36)):
+        super().__init__()
+        self.rates = tuple(rates)
+        self.branches = nn.ModuleList([conv_bn_relu(in_channels, channels, 1)]
+                                      + [conv_bn_relu(in_channels, channels, 3, rate) for rate in self.rates])
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1), nn.ReLU())
+        self.project = conv_bn_relu((len(self.rates) + 2) * channels, channels, 1)
+        self.out_channels = channels
+        init_weights(self)
+
+    def forward(self, x):
+        pooled = upsample(self.image_pool(x), x.shape[-2:])  # (B, channels, h, w), one value per image
+        branches = [branch(x) for branch in self.branches] + [pooled]  # 5 x (B, channels, h, w)
+        return self.project(torch.cat(branches, 1))  # (B, 5 * channels, h, w) -> (B, channels, h, w)
+
+
+class DenseASPP(nn.Module):
+    """DenseASPP (Yang et al. CVPR 2018, Flow2Seg's [36]; a context module of Flow2Seg Table 2): atrous
+    layers at dilations `rates` in a cascade, densely connected: layer l reads the input and every
+    earlier layer's output, concatenated (C_in + l * growth channels), reduces them with a 1x1 conv
+    to `bottleneck` channels and adds `growth` channels with a 3x3 conv at its dilation. The output is
+    all of it concatenated: C_in + len(rates) * growth channels.
+
+    As in DenseASPP's code, with one difference: its layers are pre-activation (BN, ReLU, conv; the
+    DenseNet style) with dropout 0.1 each; ours are conv + BN + ReLU like every head here (their
+    input, ResNet's layer4, is post-ReLU already), without dropout (the head has its own).
+    """
+
+    def __init__(self, in_channels, bottleneck, growth, rates=(3, 6, 12, 18, 24)):
+        super().__init__()
+        self.rates = tuple(rates)
+        self.layers = nn.ModuleList()
+        for l, rate in enumerate(self.rates):
+            self.layers.append(nn.Sequential(conv_bn_relu(in_channels + l * growth, bottleneck, 1),
+                                             conv_bn_relu(bottleneck, growth, 3, rate)))
+        self.out_channels = in_channels + len(self.rates) * growth
+        init_weights(self)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)  # (B, C_in + (l + 1) * growth, h, w)
+        return x  # (B, out_channels, h, w)
+
+
+FLOW_CONTEXTS = ("fcn", "aspp", "denseaspp", "psp")
+
+
+def context_module(name, channels):
+    """Flow2Seg 3.1 and Table 2: the context module between the flow backbone's output (B, channels,
+    h, w) and the FCN head -> (module, its output channels). 'fcn' is none (the paper's choice)."""
+    # Widths: the papers give none for the flow path; each module keeps its own paper's ratio to its input:
+    # ASPP channels/8 (DeepLabv3: 256 on 2048), DenseASPP bottleneck channels/4 and growth channels/8
+    # (DenseASPP-121: 128 and 64 on 512), PSP channels/4 per bin (PSPNet). On ResNet-18 (512): 64; 128, 64; 128.
+    if name == "fcn":
+        return nn.Identity(), channels
+    if name == "aspp":
+        module = ASPP(channels, channels // 8)
+    elif name == "denseaspp":
+        module = DenseASPP(channels, channels // 4, channels // 8)
+    elif name == "psp":
+        module = PyramidPooling(channels)
+        init_weights(module)
+    else:
+        raise ValueError(f"flow context must be one of {FLOW_CONTEXTS}, got {name!r}")
+    return module, module.out_channels
+
+
 class PSPNet(nn.Module):
     """PSPNet (Zhao et al. 2017) on a dilated ResNet: the image-only baseline of both papers,
-    Flow2Seg's Image2Seg path (3.2) and EFC's segmentation branch."""
+    Flow2Seg's Image2Seg path (3.2) and EFC's segmentation branch.
+
+    context "fcn" builds Flow2Seg Table 3's "ResNet101-FCN" instead: the same network without its
+    pyramid pooling (self.ppm passes layer4 through), with the same head width and auxiliary head,
+    so that it and the PSPNet differ in the context module alone."""
 
     def __init__(self, num_classes, backbone="resnet50", bins=(1, 2, 3, 6), mid_channels=512,
-                 aux_channels=256, dropout=0.1):
+                 aux_channels=256, dropout=0.1, context="psp"):
         super().__init__()
+        if context not in ("psp", "fcn"):
+            raise ValueError(f"PSPNet context must be 'psp' or 'fcn', got {context!r}")
         self.backbone = resnet(backbone_depth(backbone), dilated=True)
         c1, _, c3, c4 = self.backbone.layer_channels
         self.skip_channels, self.enc_channels = c1, c3  # layer1 (stride 4) and layer3 (stride 8, S)
-        self.ppm = PyramidPooling(c4, bins)
+        self.ppm = PyramidPooling(c4, bins) if context == "psp" else nn.Identity()
+        head_channels = self.ppm.out_channels if context == "psp" else c4  # 2 * C4 with the pyramid, else C4
         # The PSPNet paper fuses the pyramid with a 3x3 conv to 512 (Flow2Seg 3.2 writes "1x1"); 3x3 here.
-        self.head = fcn_head(self.ppm.out_channels, mid_channels, num_classes, dropout)
+        self.head = fcn_head(head_channels, mid_channels, num_classes, dropout)
         # Auxiliary head on layer3 ("stage 4", Flow2Seg 3.2), used by the loss in training only.
         self.aux_head = fcn_head(c3, aux_channels, num_classes, dropout)
         init_weights(self.ppm)
@@ -288,7 +382,7 @@ class PSPNet(nn.Module):
         """S (B, C3, H/8, W/8) -> {'logits', 'aux'} (B, K, size); size None keeps stride 8.
         aux is None in eval mode."""
         x = self.backbone.layer4(S)  # (B, C4, H/8, W/8): dilated, same grid as S
-        logits = self.head(self.ppm(x))  # (B, K, H/8, W/8)
+        logits = self.head(self.ppm(x))  # (B, 2 * C4 (FCN: C4), H/8, W/8) -> (B, K, H/8, W/8)
         aux = self.aux_head(S) if self.training else None  # (B, K, H/8, W/8)
         if size is not None:
             logits = upsample(logits, size)  # (B, K, H, W)
@@ -566,14 +660,17 @@ class Flow2SegNet(nn.Module):
     (Flow2Seg 4.3: towards the previous frame) in pixels of the image grid. Returns 'logits' (fused),
     'image_logits', 'flow_logits', 'aux' (None in eval), all (B, K, H, W)."""
 
-    def __init__(self, num_classes, image_backbone="resnet101", flow_backbone="resnet18", fusion_channels=128):
+    def __init__(self, num_classes, image_backbone="resnet101", flow_backbone="resnet18", fusion_channels=128,
+                 flow_context="fcn"):
         super().__init__()
         self.image = PSPNet(num_classes, image_backbone)  # Image2Seg, 3.2
         # Flow2Seg 3.1: a dilated ResNet with a 2-channel conv1 (load_pretrained averages RGB).
         self.flow_backbone = resnet(backbone_depth(flow_backbone), dilated=True, in_channels=2)
         c4 = self.flow_backbone.layer_channels[3]
+        # Flow2Seg 3.1 / Table 2: ASPP, DenseASPP or pyramid pooling may sit on the backbone; "fcn": none.
+        self.flow_context, context_channels = context_module(flow_context, c4)
         # FCN head; the paper gives no width: c4 / 4 in the middle, as torchvision's FCNHead.
-        self.flow_head = fcn_head(c4, c4 // 4, num_classes)
+        self.flow_head = fcn_head(context_channels, c4 // 4, num_classes)
         self.fusion = ResidualFusion(num_classes, fusion_channels)
 
     def forward(self, image, flow):
@@ -584,7 +681,8 @@ class Flow2SegNet(nn.Module):
         size = image.shape[-2:]
         image_out = self.image.decode(self.image.encode(image)[1])  # logits (B, K, H/8, W/8), aux or None
         image8 = image_out["logits"]
-        flow8 = self.flow_head(self.flow_backbone(flow * FLOW_INPUT_SCALE))  # (B, K, H/8, W/8)
+        context8 = self.flow_context(self.flow_backbone(flow * FLOW_INPUT_SCALE))  # (B, C_context, H/8, W/8)
+        flow8 = self.flow_head(context8)  # (B, K, H/8, W/8)
         if flow8.shape[-2:] != image8.shape[-2:]:  # equal whenever both backbones have stride 8
             flow8 = upsample(flow8, image8.shape[-2:])
         fused8 = self.fusion(image8, flow8)  # (B, K, H/8, W/8), fused at stride 8
@@ -597,18 +695,23 @@ METHODS = ("psp", "flow2seg", "efc", "flow")
 
 
 def build_model(method, num_classes, backbone="resnet50", flow_backbone="resnet18", max_displacement=20,
-                corr_stride=2):
+                corr_stride=2, context="psp", flow_context="fcn"):
     """The network of a training method (train.py's --method; checkpoints store these arguments):
-      psp       PSPNet, the image-only baseline of both papers
-      flow2seg  Flow2SegNet (image path `backbone`, flow path `flow_backbone`)
+      psp       PSPNet, the image-only baseline of both papers; with context 'fcn' the same network
+                without its pyramid pooling (Flow2Seg Table 3's "ResNet101-FCN")
+      flow2seg  Flow2SegNet (image path `backbone`, flow path `flow_backbone` + `flow_context`)
       efc       EFCNet
       flow      EFCNet trained with forward(a, b, segment=False): the flow branch alone (EFC Table 2
                 "UL"); the segmentation decoder stays untrained, so its checkpoint can initialise efc.
     """
+    if context != "psp" and method != "psp":
+        raise ValueError(f"context {context!r} is the image network of method psp; {method} keeps PSPNet")
+    if flow_context != "fcn" and method != "flow2seg":
+        raise ValueError(f"flow_context {flow_context!r} is Flow2Seg's flow path; {method} has none")
     if method == "psp":
-        return PSPNet(num_classes, backbone)
+        return PSPNet(num_classes, backbone, context=context)
     if method == "flow2seg":
-        return Flow2SegNet(num_classes, backbone, flow_backbone)
+        return Flow2SegNet(num_classes, backbone, flow_backbone, flow_context=flow_context)
     if method in ("efc", "flow"):
         return EFCNet(num_classes, backbone, max_displacement, corr_stride)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -653,6 +756,9 @@ def main():
                         help="efc = EFCNet inference (= PSPNet), efc-pair = its training forward on a pair")
     parser.add_argument("--backbone", default="resnet50", help="image backbone")
     parser.add_argument("--flow-backbone", default="resnet18", help="Flow2Seg's flow backbone")
+    parser.add_argument("--context", choices=["psp", "fcn"], default="psp", help="pspnet: fcn = without the pyramid")
+    parser.add_argument("--flow-context", choices=FLOW_CONTEXTS, default="fcn",
+                        help="Flow2Seg's flow-path context module")
     parser.add_argument("--size", type=int, nargs=2, default=[713, 713], metavar=("H", "W"))
     parser.add_argument("--classes", type=int, default=19)
     parser.add_argument("--batch", type=int, default=1)
@@ -662,13 +768,13 @@ def main():
     with torch.device("meta"):
         image = torch.zeros(args.batch, 3, *args.size)
         if args.net == "pspnet":
-            net, inputs = PSPNet(args.classes, args.backbone), (image,)
+            net, inputs = PSPNet(args.classes, args.backbone, context=args.context), (image,)
         elif args.net == "efc":
             net, inputs = EFCNet(args.classes, args.backbone), (image,)
         elif args.net == "efc-pair":
             net, inputs = EFCNet(args.classes, args.backbone), (image, image.clone())
         else:
-            net = Flow2SegNet(args.classes, args.backbone, args.flow_backbone)
+            net = Flow2SegNet(args.classes, args.backbone, args.flow_backbone, flow_context=args.flow_context)
             inputs = (image, torch.zeros(args.batch, 2, *args.size))
         net.train(args.train)
         print(f"{args.net} {args.backbone} input {args.batch}x{args.size[0]}x{args.size[1]}, "

@@ -1,6 +1,6 @@
 """Replication: the papers' ablation tables re-run on the synthetic world, reported as measured.
 
-    python replicate.py {efc-table1,efc-table2,flow2seg-table3,all} [--seeds 3] [--quick] [--readme]
+    python replicate.py {efc-table1,efc-table2,flow2seg-table2,flow2seg-table3,all} [--seeds 3] [--quick] [--readme]
 
 Tables (rows = variants; every variant is one `python train.py ...` command, printed as it runs):
   efc-table1       EFC Table 1, segmentation: PSPNet; + TCC_fix (pre-trained flow branch, frozen);
@@ -8,20 +8,29 @@ Tables (rows = variants; every variant is one `python train.py ...` command, pri
                    Metrics: mIoU and temporal consistency.
   efc-table2       EFC Table 2, flow: UL; UL + OE; UL + TC; UL + OE + TC; EFC full. Metrics: EPE
                    all / noc against the exact ground truth, with the zero flow as a reference row.
-  flow2seg-table3  Flow2Seg Table 3 (and its Table 2's "shallow is better"): PSPNet (image only);
-                   + Flow2Seg path on the ground-truth flow; + Flow2Seg path on the flow of the
-                   trained full EFC (the two papers composed); a ResNet-50 flow path. Metrics: mIoU,
-                   the IoU of the two look-alike classes (car_moving, car_parked: identical sprites
-                   that differ only in motion) and the mIoU of the flow path alone.
+  flow2seg-table2  Flow2Seg Table 2, the flow path alone, trained alone (train.py --flow2seg-stage
+                   flow-path) on the ground-truth flow: ResNet-18 / 50 / 101 with the FCN head;
+                   ResNet-18 + ASPP, + DenseASPP, + PSP. Metrics: the flow path's mIoU and its IoU of
+                   the two look-alike classes (car_moving, car_parked: identical sprites that differ
+                   only in motion); not the fused output, whose image path this stage never trains.
+  flow2seg-table3  Flow2Seg Table 3: FCN (image only: the PSPNet without its pyramid pooling);
+                   PSPNet (image only); + Flow2Seg started from that PSPNet (--init), on the
+                   ground-truth flow, and on the flow of the trained full EFC (the two papers
+                   composed). Metrics: mIoU, the IoU of the two look-alike classes and the mIoU of
+                   the flow path alone.
 
 Same budget for every variant: one backbone, crop, batch, optimiser, learning rate and number of
 iterations (SETTINGS), seeds 0..N-1 (train.py --seed: initialisation, data order, augmentation;
-the world itself is the same). Nothing is tuned per variant. Two rows depend on another run of the
-same seed: TCC_fix is initialised from the UL + OE flow branch (EFC's "fixed pre-trained FlowNetS";
-so its flow saw that run's iterations too; the encoder under the frozen decoder is shared and keeps
-training, so the flow is fixed only approximately), and the EFC-flow Flow2Seg row takes its flows
-from the full EFC run. Cost of the default: about 90 minutes per seed on 2 CPU cores (the EFC rows
-about 8 minutes each), so `all --seeds 3` took 4.6 hours; `--quick` takes minutes.
+the world itself is the same). Nothing is tuned per variant. Three rows build on other runs of the
+same seed (VARIANTS' dependencies, run first): TCC_fix is initialised from the UL + OE flow branch
+(EFC's "fixed pre-trained FlowNetS"; so its flow saw that run's iterations too; the encoder under the
+frozen decoder is shared and keeps training, so the flow is fixed only approximately); both Flow2Seg
+rows of Table 3 start from the PSPNet run (Flow2Seg 4.3: "We use weights of PSPNet to initialize our
+Image2Seg module"; so their image path has trained twice as long as the PSPNet row's), and the
+EFC-flow one takes its flows from the full EFC run. Cost of the default: about 90 minutes per seed
+on 2 CPU cores for the three tables before Flow2Seg Table 2 was added (the EFC rows about 8 minutes
+each), so `all --seeds 3` took 4.6 hours; Table 2's six runs (two of them ResNet-50 / 101 flow
+paths) are not measured yet; `--quick` takes minutes.
 
 Evaluation (the same for every row): the synthetic validation world, the consecutive pairs
 (I_i, I_i+1) with 16 <= i < 22 of every snippet (60 pairs around the labelled 20th frame; all 290
@@ -56,12 +65,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
 import data
 import evaluate
 import train
+import synthetic
 
 # ---------------------------------------------------------------------------------------------
 # Settings shared by every variant. Choices for this scale, each for all rows alike:
@@ -73,32 +82,53 @@ import train
 #    motion between frames up to max-gap 5 apart stays within about 28 pixels, so EFC's +-160 pixels
 #    (20 at stride 2) would be 441 channels of nothing at a 96-pixel crop.
 # ---------------------------------------------------------------------------------------------
+# eval_window [16, 22]: the pairs (I_i, I_i+1), i = 16..21 (0-based), whose second frames 17..22
+# surround the labelled frame I_19 (the 20th); eval_snippets None: every validation snippet (10 in
+# the default world: 60 pairs). QUICK keeps everything but the iterations and evaluates 2 snippets.
 SETTINGS = {"backbone": "resnet18", "flow_backbone": "resnet18", "crop": [96, 96], "batch": 4,
             "iterations": 200, "optimizer": "adam", "lr": 2e-4, "flow_lr_mult": 1.0, "max_displacement": 4,
             "corr_stride": 1, "workers": 1, "eval_window": [16, 22], "eval_snippets": None}
 QUICK = {**SETTINGS, "iterations": 20, "eval_snippets": 2}
 
-# Variants: name -> train.py method, its extra flags, the run of the same seed it builds on, and the
-# settings it changes (only the one row that is about a setting).
+# Variants: name -> train.py method, its extra flags, the runs of the same seed it builds on, and the
+# settings it changes (only the rows that are about a setting). The runs it builds on are a dict
+# {train.py flag: variant}: the flag gets that variant's checkpoint (needed_variants runs it first).
+# Table 2's "UL" and "UL + OE" train the flow alone (--method flow: no segmentation, so no L_seg and
+# no L_cons); every row with "TC" needs the segmentation branch, hence --method efc. TCC_fix builds on
+# UL + OE, the flow network trained without segmentation, as EFC's "fixed pre-trained FlowNetS" was.
 VARIANTS = {
-    "psp": ("psp", [], None, {}),
-    "tcc-fix": ("efc", ["--ablation", "tcc-fix"], "ul-oe", {}),  # --flow-init: the UL + OE flow network, fixed
-    "tcc-single": ("efc", ["--ablation", "tcc-single"], None, {}),
-    "tcc-single-om": ("efc", ["--ablation", "tcc-single-om"], None, {}),
-    "tcc-multi-om": ("efc", ["--ablation", "tcc-multi-om"], None, {}),
-    "full": ("efc", ["--ablation", "full"], None, {}),
-    "ul": ("flow", ["--ablation", "ul"], None, {}),
-    "ul-oe": ("flow", ["--ablation", "ul-oe"], None, {}),
-    "ul-tc": ("efc", ["--ablation", "ul-tc"], None, {}),
-    "ul-oe-tc": ("efc", ["--ablation", "ul-oe-tc"], None, {}),
-    "flow2seg-gt": ("flow2seg", [], None, {}),
-    "flow2seg-efc": ("flow2seg", [], "full", {}),  # --flow-from the full EFC run
-    "flow2seg-r50": ("flow2seg", [], None, {"flow_backbone": "resnet50"}),
+    "psp": ("psp", [], {}, {}),
+    "tcc-fix": ("efc", ["--ablation", "tcc-fix"], {"--flow-init": "ul-oe"}, {}),  # the UL + OE flow network, fixed
+    "tcc-single": ("efc", ["--ablation", "tcc-single"], {}, {}),
+    "tcc-single-om": ("efc", ["--ablation", "tcc-single-om"], {}, {}),
+    "tcc-multi-om": ("efc", ["--ablation", "tcc-multi-om"], {}, {}),
+    "full": ("efc", ["--ablation", "full"], {}, {}),
+    "ul": ("flow", ["--ablation", "ul"], {}, {}),
+    "ul-oe": ("flow", ["--ablation", "ul-oe"], {}, {}),
+    "ul-tc": ("efc", ["--ablation", "ul-tc"], {}, {}),
+    "ul-oe-tc": ("efc", ["--ablation", "ul-oe-tc"], {}, {}),
+    # Flow2Seg Table 2: the flow path alone, trained alone on the ground-truth flow (L_Flow2Seg only;
+    # the image path and the fusion stay frozen at their initialisation and the table does not read them).
+    "flowpath-r18": ("flow2seg", ["--flow2seg-stage", "flow-path"], {}, {}),
+    "flowpath-r50": ("flow2seg", ["--flow2seg-stage", "flow-path"], {}, {"flow_backbone": "resnet50"}),
+    "flowpath-r101": ("flow2seg", ["--flow2seg-stage", "flow-path"], {}, {"flow_backbone": "resnet101"}),
+    "flowpath-aspp": ("flow2seg", ["--flow2seg-stage", "flow-path", "--flow-context", "aspp"], {}, {}),
+    "flowpath-denseaspp": ("flow2seg", ["--flow2seg-stage", "flow-path", "--flow-context", "denseaspp"], {}, {}),
+    "flowpath-psp": ("flow2seg", ["--flow2seg-stage", "flow-path", "--flow-context", "psp"], {}, {}),
+    # Flow2Seg Table 3: the image-only FCN (the PSPNet without its pyramid), the PSPNet ("psp" above), and
+    # Flow2Seg started from that PSPNet (4.3), on the ground-truth flow and on the full EFC run's flow.
+    "image-fcn": ("psp", ["--context", "fcn"], {}, {}),
+    "flow2seg-gt": ("flow2seg", [], {"--init": "psp"}, {}),
+    "flow2seg-efc": ("flow2seg", [], {"--init": "psp", "--flow-from": "full"}, {}),
 }
 
 # Tables: rows (variant, label, the paper's numbers) and columns (metric key, header, format).
 # Paper numbers: EFC Table 1 (Cityscapes val mIoU %, PSPNet-R50), EFC Table 2 (KITTI 2015 EPE),
-# Flow2Seg Table 3 (Cityscapes val mIoU %, PSPNet-R101) and Table 2 (flow path alone, FlowNet2 flow).
+# Flow2Seg Table 2 (flow path alone, FlowNet2 flow) and Table 3 (Cityscapes val mIoU %, ResNet-101 image path).
+# Column formats: "pct" a fraction shown x100, "px" pixels (format_value). The "zero" row of Table 2 is
+# no variant: no training, one evaluation (zero_flow_metrics). Labels may name {backbone} and
+# {flow_backbone}: row_label fills in the backbones the row really trains (ResNet18 in the quick
+# settings, where the paper's Table 3 has ResNet101); the paper column keeps the paper's rows.
 TABLES = {
     "efc-table1": {
         "title": "EFC Table 1: segmentation",
@@ -116,18 +146,31 @@ TABLES = {
         "columns": [("epe_all", "EPE all", "px"), ("epe_noc", "EPE noc", "px"), ("fl_all", "Fl all %", "pct")],
         "paper": "EPE all / noc (KITTI 2015)",
     },
+    "flow2seg-table2": {
+        "title": "Flow2Seg Table 2: the flow path alone, trained alone on the ground-truth flow",
+        "rows": [("flowpath-r18", "{flow_backbone}-FCN", "39.6"), ("flowpath-r50", "{flow_backbone}-FCN", "37.4"),
+                 ("flowpath-r101", "{flow_backbone}-FCN", "35.4"), ("flowpath-aspp", "{flow_backbone} + ASPP", "39.4"),
+                 ("flowpath-denseaspp", "{flow_backbone} + DenseASPP", "39.3"),
+                 ("flowpath-psp", "{flow_backbone} + PSP", "38.2")],
+        # A flow-path-stage checkpoint is a flow2seg one: its fused 'miou' is there but means nothing
+        "columns": [("miou_flow_path", "flow path mIoU %", "pct"),
+                    ("iou_flow_path_car_moving", "flow path IoU car_moving %", "pct"),
+                    ("iou_flow_path_car_parked", "flow path IoU car_parked %", "pct")],
+        "paper": "flow path mIoU % (Cityscapes val, FlowNet2 flow)",
+    },
     "flow2seg-table3": {
-        "title": "Flow2Seg Table 3 (and Table 2): motion for segmentation",
-        "rows": [("psp", "PSPNet (image only)", "77.8"), ("flow2seg-gt", "+ Flow2Seg, ground-truth flow", "-"),
-                 ("flow2seg-efc", "+ Flow2Seg, flow of the full EFC", "79.7 (FlowNet2 flow)"),
-                 ("flow2seg-r50", "+ Flow2Seg, ResNet-50 flow path, ground-truth flow", "- (flow path alone, Table 2: R18 39.6, R50 37.4)")],
+        "title": "Flow2Seg Table 3: motion for segmentation",
+        "rows": [("image-fcn", "{backbone}-FCN (image only)", "75.3 (R101-FCN)"),
+                 ("psp", "{backbone} + PSP (PSPNet, image only)", "77.8 (R101 + PSP)"),
+                 ("flow2seg-gt", "+ Flow2Seg from that PSPNet, ground-truth flow", "-"),
+                 ("flow2seg-efc", "+ Flow2Seg from that PSPNet, flow of the full EFC",
+                  "79.7 (R101 + PSP + Flow2Seg, FlowNet2 flow)")],
         "columns": [("miou", "mIoU %", "pct"), ("iou_car_moving", "IoU car_moving %", "pct"),
                     ("iou_car_parked", "IoU car_parked %", "pct"), ("miou_flow_path", "flow path alone mIoU %", "pct")],
         "paper": "mIoU % (Cityscapes val)",
     },
 }
-NAMES = list(TABLES) + ["all"]
-LOOK_ALIKE = ("car_moving", "car_parked")
+NAMES = list(TABLES) + ["all"]  # the command line's choices
 
 
 def needed_variants(tables):
@@ -137,8 +180,7 @@ def needed_variants(tables):
     def add(name):
         if name == "zero" or name in order:
             return
-        dependency = VARIANTS[name][2]
-        if dependency:
+        for dependency in VARIANTS[name][2].values():
             add(dependency)
         order.append(name)
 
@@ -161,9 +203,12 @@ class EvalPairs(Dataset):
         self.root, self.split, self.snippets = self.sequence.root, self.sequence.split, self.sequence.snippets
         self.classes = self.sequence.classes
         lo, hi = window
+        # hi <= 29: pair i needs frame i + 1, and a 30-frame snippet has 29 pairs (i = 0..28).
         if not 0 <= lo < hi <= data.SNIPPET_LENGTH - 1:
             raise ValueError(f"eval window {window}: expected 0 <= start < end <= {data.SNIPPET_LENGTH - 1}")
         count = len(self.snippets) if snippets is None else min(snippets, len(self.snippets))
+        # Snippet-major, i ascending: evaluate_consistency compares each pair's frame b with the
+        # prediction kept from the previous item, so consecutive pairs of a snippet must follow each other.
         self.pairs = [(s, i) for s in range(count) for i in range(lo, hi)]
 
     def __len__(self):
@@ -171,10 +216,11 @@ class EvalPairs(Dataset):
 
     def __getitem__(self, index):
         s, i = self.pairs[index]
-        return self.sequence[s * (data.SNIPPET_LENGTH - 1) + i]
+        return self.sequence[s * (data.SNIPPET_LENGTH - 1) + i]  # SyntheticSequence: 29 pairs per snippet
 
     def frame_paths(self):
         """(frame b, frame a) image paths of every pair: the frames whose F_b->a Flow2Seg reads."""
+        # In train.fill_flow_dir's (frame, previous frame) order: it writes F_frame->previous = F_b->a.
         folder = self.root / "leftImg8bit_sequence"
         return [tuple(folder / f"{self.snippets[s][n]}_leftImg8bit.png" for n in (i + 1, i)) for s, i in self.pairs]
 
@@ -193,45 +239,42 @@ class SecondFrames(Dataset):
 
     def __getitem__(self, index):
         item = self.sequence[index]
-        flow = item["flow_bw"]
+        flow = item["flow_bw"]  # (2, H, W) F_b->a in pixels, exact: Flow2Seg 4.3 feeds F_t->t-1
         if self.flow_dir is not None:
             found = evaluate._synthetic_flow_input(self.sequence, self.flow_dir, item["snippet"], item["i"] + 1)
             if found is None:
                 raise FileNotFoundError(f"{self.flow_dir}: no flow for frame {item['i'] + 1} of val snippet "
                                         f"{item['snippet']}")
-            flow = found[0]
+            flow = found[0]  # (1, 2, H, W) -> (2, H, W): evaluate adds the batch axis itself
         return {"image": item["image_b"], "label": item["label_b"], "flow": flow}
 
 
-class FlowPath(nn.Module):
-    """A Flow2SegNet whose 'logits' are its flow path's alone (Flow2Seg Table 2 measures that path)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, image, flow):
-        return {"logits": self.net(image, flow)["flow_logits"]}
-
-
 def evaluate_run(checkpoint, sequence, device, flow_dir=None):
-    """Every metric of a trained run on the EvalPairs `sequence`."""
+    """Every metric of a trained run on the EvalPairs `sequence`: mIoU, pixel accuracy, per-class IoU
+    (iou_NAME) and temporal consistency for the segmenting methods; the flow path's miou_flow_path and
+    iou_flow_path_NAME for flow2seg; EPE
+    and Fl (all, noc) for the networks with a flow branch. flow_dir: Flow2Seg's input flows."""
     net, ckpt = evaluate.load_checkpoint(checkpoint, device)
     net.eval()
     method = ckpt["method"]
     count = len(sequence)
     metrics = {"pairs": count}
-    if method != "flow":
+    if method != "flow":  # the flow branch alone has no trained segmentation decoder
         frames = SecondFrames(sequence, flow_dir)
         seg = evaluate.evaluate_segmentation(net, method, frames, device)
-        metrics.update(miou=seg["miou"], pixel_acc=seg["pixel_acc"], iou=seg["iou"])
+        metrics.update(miou=seg["miou"], pixel_acc=seg["pixel_acc"], iou=seg["iou"],
+                       miou_cars_merged=seg["miou_cars_merged"], iou_car_merged=seg["iou_car_merged"])
         for name, iou in zip(sequence.classes, seg["iou"]):
             metrics[f"iou_{name}"] = iou
+        # Consistency of consecutive predictions across the exact F_a->b; the first pair of each
+        # snippet's window only supplies the prediction of its frame b.
         metrics.update(evaluate.evaluate_consistency(net, method, sequence, device, max_items=count,
                                                      flow_dir=flow_dir))
-        if method == "flow2seg":
-            metrics["miou_flow_path"] = evaluate.evaluate_segmentation(FlowPath(net), method, frames, device)["miou"]
-    if method in ("efc", "flow"):
+        if method == "flow2seg":  # Flow2Seg Table 2 reads the flow path alone: evaluate_segmentation scores it too
+            metrics["miou_flow_path"] = seg["miou_flow_path"]
+            for name, iou in zip(sequence.classes, seg["iou_flow_path"]):
+                metrics[f"iou_flow_path_{name}"] = iou
+    if method in ("efc", "flow"):  # F_a->b against the exact flow; 'noc' leaves out occ_fw
         metrics.update(evaluate.evaluate_flow(net, sequence, device, max_items=count))
     return metrics
 
@@ -242,11 +285,12 @@ def zero_flow_metrics(sequence):
     counts = {"all": [], "noc": []}
     for index in range(count):
         item = sequence[index]
+        # (1, 2, H, W) and (1, H, W): the regions of evaluate_flow, all = valid, noc = valid & ~occluded
         gt, valid, occ = item["flow_fw"][None], item["flow_fw_valid"][None], item["occ_fw"][None]
         counts["all"].append(evaluate.flow_error_counts(torch.zeros_like(gt), gt, valid))
         counts["noc"].append(evaluate.flow_error_counts(torch.zeros_like(gt), gt, valid & ~occ))
     metrics = {"pairs": count}
-    for region in ("all", "noc"):
+    for region in ("all", "noc"):  # EPE pooled over every counted pixel, as the network rows' epe_all
         metrics.update(evaluate.flow_metrics(torch.cat(counts[region]).numpy(), region))
     return metrics
 
@@ -256,8 +300,8 @@ def zero_flow_metrics(sequence):
 # ---------------------------------------------------------------------------------------------
 def train_command(name, seed, settings, run_dir, runs_root, data_root, device):
     """The train.py argument list of one variant and seed."""
-    method, extra, dependency, own = VARIANTS[name]
-    settings = {**settings, **own}
+    method, extra, dependencies, own = VARIANTS[name]
+    settings = {**settings, **own}  # the row's own change (Table 2's flow backbones) wins
     args = ["--method", method, "--data-root", str(data_root), "--seed", str(seed), "--out", str(run_dir),
             "--backbone", settings["backbone"], "--flow-backbone", settings["flow_backbone"],
             "--crop", *map(str, settings["crop"]), "--batch", str(settings["batch"]),
@@ -265,7 +309,9 @@ def train_command(name, seed, settings, run_dir, runs_root, data_root, device):
             "--lr", str(settings["lr"]), "--flow-lr-mult", str(settings["flow_lr_mult"]),
             "--max-displacement", str(settings["max_displacement"]), "--corr-stride", str(settings["corr_stride"]),
             "--workers", str(settings["workers"]),
-            # train.py's own validation only at the end and on a few items: this script evaluates
+            # train.py's own validation only at the end and on a few items: this script evaluates.
+            # A checkpoint every 50 iterations at the default 200 (an interrupted run loses at most 50);
+            # train.py also writes one at the last iteration, so --quick's 20 get that one only.
             "--val-every", "0", "--val-items", "5", "--ckpt-every", str(max(50, settings["iterations"] // 4)),
             "--log-every", str(max(1, settings["iterations"] // 20)),
             # every row from scratch at the same budget, pairs up to 5 frames apart, as before the
@@ -273,9 +319,10 @@ def train_command(name, seed, settings, run_dir, runs_root, data_root, device):
             "--no-world-init", "--max-gap", "5"]
     if device:
         args += ["--device", device]
-    if dependency is not None:
-        source = Path(runs_root) / dependency / f"seed{seed}" / "ckpt.pt"
-        args += ["--flow-init" if method == "efc" else "--flow-from", str(source)]
+    # TCC_fix's --flow-init (its fixed flow network), Flow2Seg's --init (the PSPNet of its image path)
+    # and --flow-from (the network that computes its input flows): each the checkpoint of that run.
+    for flag, dependency in dependencies.items():
+        args += [flag, str(Path(runs_root) / dependency / f"seed{seed}" / "ckpt.pt")]
     return args + extra
 
 
@@ -286,6 +333,8 @@ def cached_result(name, seed, settings, paths, device):
     if not result_path.is_file():
         return None
     cached = json.loads(result_path.read_text())
+    # The command as this code builds it now, against the stored one: a change of a variant's flags, of
+    # the settings or of the data root gives another string, and the stored result no longer counts.
     args = train_command(name, seed, settings, paths["runs"] / name / f"seed{seed}", paths["runs"], paths["data"],
                          device)
     if cached.get("settings") != settings or cached.get("command") != "python train.py " + " ".join(args):
@@ -294,7 +343,8 @@ def cached_result(name, seed, settings, paths, device):
 
 
 def code_version():
-    """The git commit of this checkout (None outside git): written into every result."""
+    """The git commit of this checkout (None outside git): written into every result. HEAD only:
+    uncommitted edits in the working tree are not recorded."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
     except OSError:
@@ -311,6 +361,7 @@ def run_variant(name, seed, settings, paths, device, log, use_cache=True):
         log(f"{name} seed {seed}: cached ({result_path})")
         return cached, False
     run_dir = paths["runs"] / name / f"seed{seed}"
+    # The run folder's settings: a checkpoint made with other settings must not be resumed.
     stamp = run_dir / "settings.json"
     if run_dir.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != settings):
         shutil.rmtree(run_dir)  # a run with other settings: start again
@@ -320,13 +371,15 @@ def run_variant(name, seed, settings, paths, device, log, use_cache=True):
     command = "python train.py " + " ".join(args)  # the cache key's command: without --resume
     checkpoint = run_dir / "ckpt.pt"
     finished = resumed = False
-    if checkpoint.is_file():
+    if checkpoint.is_file():  # finished: its training is done (e.g. stopped during evaluation): evaluate only
         finished = train.read_checkpoint(checkpoint)["iteration"] >= settings["iterations"]
         resumed = not finished
     t0 = time.time()
     if not finished:
         argv = args + (["--resume", str(checkpoint)] if resumed else ["--overwrite"])  # the folder is this run's
         log(f"{name} seed {seed}: python train.py {' '.join(argv)}")
+        # A separate process running exactly the logged command (sys.executable: this interpreter and
+        # its packages); its memory is freed when it ends. train.out keeps the output of every attempt.
         with open(run_dir / "train.out", "a") as out:
             code = subprocess.call([sys.executable, str(Path(__file__).with_name("train.py")), *argv],
                                    stdout=out, stderr=subprocess.STDOUT)
@@ -336,13 +389,16 @@ def run_variant(name, seed, settings, paths, device, log, use_cache=True):
     flow_dir = None
     sequence = EvalPairs(paths["data"], settings["eval_window"], settings["eval_snippets"])
     t1 = time.time()
-    if VARIANTS[name][0] == "flow2seg" and VARIANTS[name][2] is not None:
+    flow_source = VARIANTS[name][2].get("--flow-from")
+    if flow_source is not None:
         # Flow2Seg's input on every evaluated frame, from the network that made its training flows.
         flow_dir = run_dir / "val_flows"
-        source = paths["runs"] / VARIANTS[name][2] / f"seed{seed}" / "ckpt.pt"
+        source = paths["runs"] / flow_source / f"seed{seed}" / "ckpt.pt"
         train.fill_flow_dir(source, paths["data"], flow_dir, torch.device(device or "cpu"),
                             frames={"val": sequence.frame_paths()})
+    # Evaluation on the CPU unless --device is given (train.py itself picks cuda when available).
     metrics = evaluate_run(checkpoint, sequence, torch.device(device or "cpu"), flow_dir)
+    # settings: the shared SETTINGS, the cache key; variant_settings: what this row really trained with.
     result = {"variant": name, "seed": seed, "settings": settings,
               "variant_settings": {**settings, **VARIANTS[name][3]}, "command": command, "resumed": resumed,
               "code_version": code_version(), "metrics": evaluate.json_safe(metrics),
@@ -353,6 +409,8 @@ def run_variant(name, seed, settings, paths, device, log, use_cache=True):
 
 
 def write_json(path, obj):
+    """obj as JSON at path, written to a .tmp file and renamed: an interrupted write leaves no
+    half-written file that the cache would later read as a result."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -377,24 +435,33 @@ def format_value(mean, std, kind, n=None, seeds=None):
     return text + (f" (n={n})" if n is not None and seeds is not None and n < seeds else "")
 
 
+def row_label(label, settings):
+    """A row's label with {backbone} and {flow_backbone} filled in from the settings the row trains
+    with ('resnet18' -> 'ResNet18', the papers' spelling): the label names what ran."""
+    names = {key: "ResNet" + settings[key].removeprefix("resnet") for key in ("backbone", "flow_backbone")}
+    return label.format(**names)
+
+
 def table_report(table, results, zero, settings, seeds):
     """The JSON report and the markdown table of one table from the per-run results."""
     spec = TABLES[table]
     rows = []
-    for name, label, paper in spec["rows"]:
+    for name, template, paper in spec["rows"]:
+        label = row_label(template, {**settings, **({} if name == "zero" else VARIANTS[name][3])})
         # The zero flow does not depend on the seed: one evaluation, no spread.
         per_seed = {"any": zero} if name == "zero" else {seed: results[(name, seed)]["metrics"] for seed in seeds}
         stats = {}
         for key, _, _ in spec["columns"]:
             mean, std, n = summarise([m.get(key) for m in per_seed.values()])
             stats[key] = {"mean": mean, "std": std, "n": n}
+        # "command": seed 0's; the other seeds' differ only in --seed and --out.
         rows.append({"variant": name, "label": label, "paper": paper, "per_seed": per_seed, "stats": stats,
                      "settings_changed": {} if name == "zero" else VARIANTS[name][3],
                      "command": None if name == "zero" else results[(name, seeds[0])]["command"]})
     header = ["variant"] + [h for _, h, _ in spec["columns"]] + [f"paper: {spec['paper']}"]
     lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(spec["columns"]) + " ---: |"]
     for row in rows:
-        count = len(row["per_seed"])
+        count = len(row["per_seed"])  # seeds of the row (1 for the zero flow): a cell with fewer shows (n=...)
         cells = [format_value(row["stats"][k]["mean"], row["stats"][k]["std"], kind, row["stats"][k]["n"], count)
                  for k, _, kind in spec["columns"]]
         lines.append("| " + " | ".join([row["label"]] + cells + [row["paper"]]) + " |")
@@ -434,7 +501,7 @@ def default_folders(settings):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", choices=NAMES, help="which table to run ('all': the three)")
+    p.add_argument("table", choices=NAMES, help="which table to run ('all': the four)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
     p.add_argument("--quick", action="store_true", help=f"{QUICK['iterations']} iterations, {QUICK['eval_snippets']} "
                                                         "validation snippets: minutes, a check that everything runs")
@@ -466,6 +533,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     settings = dict(QUICK if args.quick else SETTINGS)
+    # Overrides change the settings dict itself, so they change the cache key and (default_folders)
+    # the output folders.
     for key in ("iterations", "eval_snippets", "crop"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
@@ -475,7 +544,7 @@ def main(argv=None):
              "data": Path(args.data_root)}
     if not paths["data"].is_dir():
         print(f"writing the synthetic world to {paths['data']} ...", flush=True)
-        data.make_synthetic_world(paths["data"])
+        synthetic.make_synthetic_world(paths["data"])
     seeds = list(range(args.seeds))
     order = needed_variants(tables)
     log_file = paths["results"] / "replicate.log"
@@ -492,16 +561,19 @@ def main(argv=None):
     # Seed by seed, so that an interrupted run has whole tables for the first seeds.
     for seed in seeds:
         trained = set()  # variants trained now: the rows built on them are not taken from the cache
-        for name in order:
-            dependency = VARIANTS[name][2]
-            use_cache = dependency not in trained
-            if dependency and not (use_cache and cached_result(name, seed, settings, paths, args.device)):
-                if not (paths["runs"] / dependency / f"seed{seed}" / "ckpt.pt").is_file():
-                    log(f"{name} seed {seed} builds on {dependency}, whose checkpoint is gone: training it again")
-                    results[(dependency, seed)], _ = run_variant(dependency, seed, settings, paths, args.device,
-                                                                 log, use_cache=False)
-                    trained.add(dependency)
-                    use_cache = False
+        for name in order:  # dependencies come first (needed_variants)
+            dependencies = list(VARIANTS[name][2].values())
+            use_cache = not trained.intersection(dependencies)  # a row built on a run trained in this pass: not cached
+            # A row not taken from the cache needs its dependencies' checkpoints, which an earlier, completed
+            # pass over this seed may have deleted: each missing one is trained again, and the row after them.
+            if dependencies and not (use_cache and cached_result(name, seed, settings, paths, args.device)):
+                for dependency in dependencies:
+                    if not (paths["runs"] / dependency / f"seed{seed}" / "ckpt.pt").is_file():
+                        log(f"{name} seed {seed} builds on {dependency}, whose checkpoint is gone: training it again")
+                        results[(dependency, seed)], _ = run_variant(dependency, seed, settings, paths, args.device,
+                                                                     log, use_cache=False)
+                        trained.add(dependency)
+                        use_cache = False
             results[(name, seed)], now = run_variant(name, seed, settings, paths, args.device, log, use_cache)
             if now:
                 trained.add(name)
@@ -509,10 +581,11 @@ def main(argv=None):
             for name in order:
                 for file in ("ckpt.pt", "best.pt"):
                     (paths["runs"] / name / f"seed{seed}" / file).unlink(missing_ok=True)
+    # The zero flow needs no training and no seed: evaluated once, after the runs.
     zero = zero_flow_metrics(EvalPairs(paths["data"], settings["eval_window"], settings["eval_snippets"]))
     for table in tables:
         report, markdown = table_report(table, results, zero, settings, seeds)
-        write_json(paths["results"] / f"{table}.json", evaluate.json_safe(report))
+        write_json(paths["results"] / f"{table}.json", evaluate.json_safe(report))  # NaN -> null
         (paths["results"] / f"{table}.md").write_text(markdown)
         if args.readme:
             update_readme(args.readme, table, markdown)

@@ -48,8 +48,8 @@ from torch.utils.data import DataLoader, Dataset
 import data
 import evaluate
 import losses
-import warp
-from model import METHODS, build_model, load_pretrained
+import synthetic
+from model import FLOW_CONTEXTS, METHODS, build_model, load_pretrained
 
 # ---------------------------------------------------------------------------------------------
 # Recipes. Every flag left unset takes its value from the recipe ("quick": the synthetic world on a
@@ -57,7 +57,7 @@ from model import METHODS, build_model, load_pretrained
 # ---------------------------------------------------------------------------------------------
 # Quick: the correlation reaches +-4 cells at stride 1 of the stride-8 features (+-32 image pixels,
 # 81 channels; EFC's +-20 cells at stride 2 is +-160 pixels, wider than the whole 96x96 crop), and
-# pairs are at most 2 frames apart, because the world moves 5-9 px per frame (data.py), 3-5x more
+# pairs are at most 2 frames apart, because the world moves 5-9 px per frame (synthetic.py), 3-5x more
 # than Cityscapes does at this scale: t = 5 would move the background by up to 45 px.
 QUICK = {"backbone": "resnet18", "flow_backbone": "resnet18", "crop": [96, 96], "batch": 4,
          "iterations": 200, "pairs_per_snippet": 10, "workers": 1, "val_every": 100, "val_items": 60,
@@ -110,6 +110,10 @@ ABLATIONS = {
 
 
 def parse_args(argv=None):
+    """The command line -> args, complete: a flag left unset takes the recipe's value (QUICK, or
+    PAPER_EFC / PAPER_FLOW2SEG with --recipe paper; the optimiser from OPTIMIZER), a resumed run takes
+    the settings of its checkpoint (resume_settings), and combinations that cannot mean anything
+    stop here with one line rather than after the data is read or the network is built."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False,  # explicit_flags reads the command line by full names
                                 epilog="Unset flags take the recipe's value (see the docstring of train.py and docs/training.md).")
@@ -146,6 +150,14 @@ def parse_args(argv=None):
                    help="image backbone")
     g.add_argument("--flow-backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
                    help="Flow2Seg's flow-path backbone")
+    # Flow2Seg Table 3's image-only rows (--context) and Table 2's flow-path rows (--flow-context):
+    # stored in the checkpoint's config, from which evaluate.load_checkpoint rebuilds the network.
+    g.add_argument("--context", choices=["psp", "fcn"], default="psp",
+                   help="--method psp's image network: psp = PSPNet; fcn = the same without its pyramid pooling "
+                        "(Flow2Seg Table 3's 'ResNet101-FCN')")
+    g.add_argument("--flow-context", choices=FLOW_CONTEXTS, default="fcn",
+                   help="Flow2Seg's flow-path context module (Table 2): fcn = none (the paper's choice), aspp "
+                        "(DeepLabv3), denseaspp, psp (pyramid pooling)")
     g.add_argument("--pretrained", metavar="FILE", help="ImageNet ResNet state dict (torchvision names) for the "
                                                         "image backbone; for flow2seg also --pretrained-flow")
     g.add_argument("--pretrained-flow", metavar="FILE", help="ImageNet ResNet file for Flow2Seg's flow backbone "
@@ -209,7 +221,7 @@ def parse_args(argv=None):
     data.one_line_errors(p)
     args = p.parse_args(argv)
 
-    explicit_warmup = args.flow_warmup is not None
+    explicit_warmup = args.flow_warmup is not None  # read before the recipe fills it in
     recipe = dict(QUICK)
     if args.recipe == "paper":
         recipe = dict(PAPER_FLOW2SEG if args.method == "flow2seg" else PAPER_EFC)
@@ -225,7 +237,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.freeze == "none":
         args.freeze = ""
-    if args.clip_grad is None:
+    if args.clip_grad is None:  # the flow decoder's early gradients are large (build_training); PSPNet never clips
         args.clip_grad = 10.0 if args.method in ("efc", "flow") else 0.0
     if args.ablation:
         method = ABLATIONS[args.ablation][0]
@@ -236,6 +248,15 @@ def parse_args(argv=None):
                     "flow/efc checkpoint")
     if args.flow_init and args.ablation != "tcc-fix":
         p.error("--flow-init is the fixed flow network of --ablation tcc-fix")
+    # Flow2Seg's image path and EFC's segmentation branch are PSPNets; only Flow2Seg has a flow path.
+    if args.context != "psp" and args.method != "psp":
+        p.error(f"--context {args.context} is the image-only network of --method psp (Flow2Seg Table 3's FCN row); "
+                f"--method {args.method} keeps its PSPNet")
+    if args.flow_context != "fcn" and args.method != "flow2seg":
+        p.error(f"--flow-context {args.flow_context} is a context module of Flow2Seg's flow path: use it with "
+                "--method flow2seg")
+    # The full EFC ("+ UD") pairs every labelled pair with an unlabelled one (ABLATIONS' "ud" mode),
+    # so the pairs of a snippet split in two equal halves.
     if args.method == "efc" and not args.ablation and (args.pairs_per_snippet % 2 or args.labelled_pairs not in
                                                        (None, args.pairs_per_snippet // 2)):
         p.error(f"--method efc adds one unlabelled pair to each labelled one: --pairs-per-snippet "
@@ -246,6 +267,8 @@ def parse_args(argv=None):
         args.data_root = data.SYNTH_DEFAULT_ROOT
     if args.dataset == "kitti" and args.method != "flow":
         p.error("--dataset kitti has no segmentation labels: use it with --method flow")
+    # The warm-up exists for an unsupervised flow that trains: not for the supervised diagnostic, not
+    # for TCC_fix (its flow is a frozen, already trained network), not for psp / flow2seg.
     trains_flow = args.method in ("efc", "flow") and not args.flow_supervised and args.ablation != "tcc-fix"
     if args.flow_warmup < 0 or (args.flow_warmup and not trains_flow and explicit_warmup):
         p.error("--flow-warmup N (N >= 0) warms up the unsupervised flow of --method efc / flow (not tcc-fix)")
@@ -255,11 +278,13 @@ def parse_args(argv=None):
         p.error("--flow-supervised trains --method flow on the synthetic world's true flow (no --ablation)")
     if args.method == "flow2seg" and args.dataset not in ("synthetic", "cityscapes"):
         p.error("--method flow2seg needs Cityscapes-layout video (--dataset synthetic or cityscapes)")
+    if args.flow2seg_stage != "joint" and args.method != "flow2seg":
+        p.error(f"--flow2seg-stage {args.flow2seg_stage} is a stage of --method flow2seg, not {args.method}")
     if args.flow_dir and args.flow_from:
         p.error("give --flow-dir or --flow-from, not both")
     if (args.flow_dir or args.flow_from) and args.method != "flow2seg":
         p.error("--flow-dir / --flow-from are Flow2Seg's flow input: use them with --method flow2seg")
-    if args.resume:
+    if args.resume:  # last: the checkpoint's settings replace the recipe's, and contradictions are refused
         resume_settings(p, args, sys.argv[1:] if argv is None else argv)
     args.out = args.out or os.path.join("runs", args.method if not args.ablation else f"efc-{args.ablation}")
     return args
@@ -503,11 +528,15 @@ def initialise(net, args, log):
             state = {"seg." + k: v for k, v in state.items()}
         elif not (source == args.method or {source, args.method} <= {"efc", "flow"}):
             raise SystemExit(f"--init {path}: a {source} checkpoint cannot initialise --method {args.method}")
+        # Flow2Seg 4.3 initialises its image path from a PSPNet: an FCN (--context fcn) has no pyramid to give.
+        if source == "psp" and args.method != "psp" and ckpt["config"].get("context", "psp") != "psp":
+            raise SystemExit(f"--init {path}: an image-only FCN (--context fcn), not a PSPNet: it cannot "
+                             f"initialise the PSPNet of --method {args.method}")
         own = net.state_dict()
         bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
         if bad:
             raise SystemExit(f"--init {path}: {len(bad)} tensors do not fit this {args.method} network "
-                             f"(e.g. {bad[:3]}); check --backbone / --flow-backbone")
+                             f"(e.g. {bad[:3]}); check --backbone / --flow-backbone / --context / --flow-context")
         net.load_state_dict(state, strict=False)
         log(f"--init {path}: loaded {len(state)} of {len(own)} tensors from a {source} checkpoint")
 
@@ -566,6 +595,8 @@ def parameter_groups(net, args):
 
 
 def make_optimizer(groups, args):
+    """The papers' optimisers: EFC (and PSPNet) SGD with momentum 0.9, Flow2Seg Adam; weight decay
+    1e-4 in both papers. The lr is set per group at every step by poly_lr (groups carry 'lr_mult')."""
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     return torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
@@ -581,6 +612,9 @@ def poly_lr(optimizer, args, iteration):
 
 
 def rng_state():
+    """Every random generator a step can touch (torch CPU and CUDA: dropout; numpy and `random`:
+    nothing of ours today, but a user's augmentation might), as tensors and plain values that
+    torch.load(weights_only=True) accepts: numpy's key array is stored as an int64 tensor."""
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -589,6 +623,7 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Undo rng_state: a resumed run draws the same dropout masks as the uninterrupted one."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -745,44 +780,53 @@ def compute_loss(net, batch, args, iteration, flow_net=None):
 
 
 def peak_memory_mb(device):
+    """Peak memory so far, in MiB: allocated tensors on a GPU; on the CPU the process's peak resident
+    size (tensors, the Python heap and the loader's buffers: an upper bound on what training needs)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
-def main(argv=None):
-    args = parse_args(argv)
+# ---------------------------------------------------------------------------------------------
+# The run, in the order main() takes its steps: processes, data, run folder, network, loop, end
+# ---------------------------------------------------------------------------------------------
+def start_processes(args):
+    """-> (world, rank, device). One process, or one of WORLD_SIZE started by torchrun: each process
+    takes the GPU of its LOCAL_RANK (NCCL) or stays on the CPU (gloo)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: the autotuned kernels are reused every step
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.batch % world:
+    if args.batch % world:  # --batch is global: every process must take an equal share of it
         raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes ({world})")
-    out = Path(args.out)
-    is_main = rank == 0
+    return world, rank, device
 
-    def log(message):
-        if is_main:
-            print(message, flush=True)
 
-    # Data. The synthetic world is written once, by rank 0, the others wait.
+def ensure_data_root(args, world, is_main, log):
+    """The synthetic world is written on first use (and again if an earlier writer was killed), by
+    rank 0 while the other ranks wait; any other dataset must already be where --data-root says."""
     incomplete = args.dataset == "synthetic" and data.world_is_incomplete(args.data_root)
     if args.dataset == "synthetic" and (not Path(args.data_root).is_dir() or incomplete):
         if is_main:
             log(f"{args.data_root} is an incomplete synthetic world (interrupted): writing it again ..." if incomplete
-                else f"writing the synthetic world to {args.data_root} (python data.py synth, about 25 s) ...")
-            data.make_synthetic_world(args.data_root, overwrite=incomplete)
+                else f"writing the synthetic world to {args.data_root} (python synthetic.py synth, about 25 s) ...")
+            synthetic.make_synthetic_world(args.data_root, overwrite=incomplete)
         if world > 1:
             dist.barrier()
     elif not Path(args.data_root).is_dir():
         raise SystemExit(f"--data-root {args.data_root}: no such folder (expected the {args.dataset} layout; "
                          "see docs/data.md)")
-    # A fresh run must not replace another run's checkpoint or append to its log.
+
+
+def claim_run_folder(args, out, is_main):
+    """A fresh run must not replace another run's checkpoint or append to its log (running the same
+    command twice would do both): it needs an empty --out, or --overwrite. A resumed run drops the
+    log records after its checkpoint, since it repeats those iterations."""
     previous = [name for name in ("ckpt.pt", "best.pt", "log.jsonl") if (out / name).exists()]
     if previous and not args.resume and not args.overwrite:
         raise SystemExit(f"--out {out} already holds a run ({', '.join(previous)}): continue it with "
@@ -796,27 +840,24 @@ def main(argv=None):
                 (out / name).unlink()
         if args.resume:
             truncate_log(out / "log.jsonl", read_checkpoint(args.resume)["iteration"])
-    if args.flow_from:
-        args.flow_dir = str(out / "flows")
-        if is_main:
-            fill_flow_dir(args.flow_from, args.data_root, args.flow_dir, device)
-        if world > 1:
-            dist.barrier()
-    train_set = training_dataset(args)
-    # KITTI has no labels: the flow branch's EFCNet keeps a Cityscapes-sized (19-class) head.
-    args.num_classes = getattr(train_set, "num_classes", len(data.CITYSCAPES_CLASSES))
 
-    # Model.
+
+def build_training(args, world, rank, device, log):
+    """The network, its optimizer and where the run starts -> dict with 'bare' (the network itself:
+    checkpoints and validation read it), 'model' (what the loop calls: DDP- and compile-wrapped as
+    asked), 'optimizer', 'flow_net' (TCC_fix's frozen flow network or None), 'clipped' (the
+    parameters --clip-grad bounds), 'device', 'start', 'best', 'best_iteration' (from --resume, else
+    0 / None)."""
     encoder = world_encoder(args, world, log)
     if encoder is not None:
         args.init = [encoder]
     resume = read_checkpoint(args.resume) if args.resume else None
     if resume is not None and resume["method"] != args.method:
         raise SystemExit(f"--resume {args.resume}: a {resume['method']} checkpoint, not {args.method}")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and for every rerun
     net = build_model(args.method, args.num_classes, args.backbone, args.flow_backbone, args.max_displacement,
-                      args.corr_stride)
-    if args.no_dropout:
+                      args.corr_stride, args.context, args.flow_context)
+    if args.no_dropout:  # dropout masks are the one thing that differs between 1 and N processes
         for module in net.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
@@ -830,31 +871,143 @@ def main(argv=None):
     net.to(device)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
-    groups = parameter_groups(net, args)
-    optimizer = make_optimizer(groups, args)
+    optimizer = make_optimizer(parameter_groups(net, args), args)
     start, best, best_iteration = 0, None, None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         start, best, best_iteration = resume["iteration"], resume.get("best"), resume.get("best_iteration")
+        # each rank continues its own random stream (dropout); a run resumed on more ranks than it
+        # was saved with gives the new ranks rank 0's
         set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
-    bare = net  # the unwrapped network: checkpoints, validation
     # --clip-grad bounds EFC's flow decoder only, the reason it exists: its warm-up regression and
     # unsupervised losses give it gradient norms of 10-180, the rest of the network 6-10 (measured).
     # One norm over the whole network scaled the segmentation path's gradient by the decoder's (x0.06-0.1
     # during the warm-up, x0.45-0.8 after it: a jump that Adam, whose second moment remembers the
     # warm-up, takes as steps several times the lr), and EFC's mIoU stalled while the PSPNet's, never
     # clipped, rose. Other methods clip every parameter when asked.
-    clipped = [q for name, q in bare.named_parameters() if q.requires_grad
-               and (args.method not in ("efc", "flow") or name.startswith("flow."))]
+    clipped = clipped_parameters(net, args.method)
+    model = net
     if world > 1:
         # EFC's parameters that some steps leave without a gradient: the segmentation decoder in the
         # flow branch alone, the occlusion heads without occlusion (tcc-single, ul, ul-tc) and during
         # the flow warm-up. DDP must be told, or it waits for their gradients and fails.
         unused = args.method in ("efc", "flow")
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=unused)
-    model = torch.compile(net) if args.compile else net
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=unused)
+    if args.compile:
+        model = torch.compile(model)
+    return {"bare": net, "model": model, "device": device, "optimizer": optimizer, "flow_net": flow_net, "clipped": clipped,
+            "start": start, "best": best, "best_iteration": best_iteration}
 
+
+def clipped_parameters(net, method):
+    """The parameters --clip-grad bounds (see build_training): EFC's flow decoder for efc and flow,
+    every trainable parameter otherwise."""
+    return [q for name, q in net.named_parameters() if q.requires_grad
+            and (method not in ("efc", "flow") or name.startswith("flow."))]
+
+
+def train_step(run, batch, args, iteration, world, out):
+    """One optimiser step at 0-based `iteration` -> (lr, values, names): values[0] is the total loss,
+    values[k + 1] the term names[k], each averaged over processes, so that every process sees the
+    same numbers and takes the same decisions (a process stopping alone would leave the others
+    waiting in the next collective)."""
+    optimizer = run["optimizer"]
+    lr = poly_lr(optimizer, args, iteration)
+    with torch.autocast(run["device"].type, dtype=torch.bfloat16, enabled=args.amp):
+        total, terms = compute_loss(run["model"], batch, args, iteration, run["flow_net"])
+    names = sorted(terms)
+    values = torch.stack([total.detach().float()] + [terms[n].float() for n in names])
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    if not torch.isfinite(values).all():  # stop before the step: the weights are still the finite ones
+        bad = ["total"] + names
+        culprit = next(bad[k] for k in range(1, len(bad)) if not torch.isfinite(values[k])) \
+            if not torch.isfinite(values[1:]).all() else "total"
+        raise SystemExit(f"iteration {iteration + 1}: loss term '{culprit}' is not finite ({values.tolist()}); "
+                         f"stopping. The last checkpoint, {out / 'ckpt.pt'}, is from before this iteration "
+                         "and was checked finite when saved.")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if args.clip_grad:
+        torch.nn.utils.clip_grad_norm_(run["clipped"], args.clip_grad)
+    optimizer.step()
+    return lr, values, names
+
+
+def to_device(items, device, channels_last):
+    """A loader batch on `device` (EFC "+ UD" pairs flattened: merge_companions), image-like tensors
+    in channels-last order when asked (the layout tensor cores prefer; the values are unchanged)."""
+    batch = merge_companions({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                              for k, v in items.items()})
+    if channels_last:
+        batch = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
+                 for k, v in batch.items()}
+    return batch
+
+
+def log_record(done, args, lr, values, names, rate, device):
+    """The log.jsonl record of iteration `done` and its printed line. Terms are logged unweighted
+    (the weights are in the config record); `loss` is the weighted total that was optimised."""
+    eta = (args.iterations - done) * args.batch / max(rate, 1e-9)
+    record = {"iteration": done, "loss": values[0].item(), **{n: values[k + 1].item() for k, n in enumerate(names)},
+              "lr": lr, "images_per_s": rate, "eta_s": eta, "peak_memory_mb": peak_memory_mb(device)}
+    line = (f"it {done}/{args.iterations}  loss {record['loss']:.4f}  "
+            + "  ".join(f"{n} {record[n]:.4f}" for n in names)
+            + f"  lr {lr:.2e}  {rate:.1f} img/s  eta {eta / 60:.1f} min  peak {record['peak_memory_mb']:.0f} MB")
+    return record, line
+
+
+def summarise(args, out, end, best_iteration, seconds, log):
+    """The end of a run (rank 0): where it stopped and how to continue (--stop-after), or the curves
+    picture and where the checkpoint, the best weights and the log are."""
+    if end < args.iterations:
+        log(f"stopped after iteration {end} (--stop-after); continue with --resume {out / 'ckpt.pt'}")
+        return
+    try:
+        log(f"curves: {evaluate.draw_curves(out / 'log.jsonl', out / 'curves.png')}")
+    except (OSError, ValueError) as error:  # a picture must not fail a finished run
+        log(f"curves: not drawn ({one_line(error)})")
+    where = (f"{out / 'best.pt'} (iteration {best_iteration}, weights only)" if (out / "best.pt").exists()
+             else "the same file" if best_iteration == args.iterations else "no validation ran")
+    log(f"done in {seconds / 60:.1f} min. checkpoint {out / 'ckpt.pt'} (best: {where}), log {out / 'log.jsonl'}")
+
+
+def main(argv=None):
+    """A training run: processes, data, run folder, network (build_training), then the loop of
+    train_step with logging, checkpoints (before every validation, so a failing validation loses no
+    training) and validations, and a summary. Every process runs this; rank 0 alone writes."""
+    args = parse_args(argv)
+    world, rank, device = start_processes(args)
+    out = Path(args.out)
+    is_main = rank == 0  # rank 0 alone prints, writes the log and checkpoints, and validates
+
+    def log(message):
+        if is_main:
+            print(message, flush=True)
+
+    def append_log(record):
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # Data and the run folder.
+    ensure_data_root(args, world, is_main, log)
+    claim_run_folder(args, out, is_main)
+    if args.flow_from:  # Flow2Seg on EFC's flow: computed once, by rank 0, into the run folder
+        args.flow_dir = str(out / "flows")
+        if is_main:
+            fill_flow_dir(args.flow_from, args.data_root, args.flow_dir, device)
+        if world > 1:
+            dist.barrier()
+    train_set = training_dataset(args)
+    # KITTI has no labels: the flow branch's EFCNet keeps a Cityscapes-sized (19-class) head.
+    args.num_classes = getattr(train_set, "num_classes", len(data.CITYSCAPES_CLASSES))
+
+    # The network, and the data stream from where the run starts.
+    run = build_training(args, world, rank, device, log)
+    bare, optimizer, start = run["bare"], run["optimizer"], run["start"]
+    best, best_iteration = run["best"], run["best_iteration"]
     sampler = GlobalBatches(len(train_set), args.batch, world, rank, args.seed, start)
     # The loader's own generator: its per-worker seeds must not consume the global generator, whose
     # state (dropout) is saved in checkpoints.
@@ -873,13 +1026,13 @@ def main(argv=None):
         f"{args.optimizer} lr {args.lr}, device {device}{', bf16' if args.amp else ''}")
     log("config: " + ", ".join(f"{k} {v}" for k, v in sorted(config.items())))
     if is_main:  # the log's first record of a run (or of its resumption) is the whole config
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps({"iteration": start, "resumed": bool(args.resume), "config": config}) + "\n")
+        append_log({"iteration": start, "resumed": bool(args.resume), "config": config})
 
     def checkpoint(iteration, metrics=None):
+        """Save ckpt.pt (rank 0) after checking every weight is finite; -> the saved dict (rank 0)."""
         rngs = [None] * world
         state = rng_state()
-        if world > 1:
+        if world > 1:  # every rank's RNG state, so that each continues its own stream on resume
             dist.all_gather_object(rngs, state)
         else:
             rngs = [state]
@@ -897,26 +1050,27 @@ def main(argv=None):
         return None
 
     def validation(iteration):
+        """Validate (rank 0), log it; -> (metrics, whether it is the best so far)."""
         nonlocal best
-        metrics = None
-        if is_main:
-            metrics = evaluate.validate(bare, config, device, max_items=args.val_items)
-            score = metrics.get("miou", -metrics.get("epe_all", math.inf))  # flow branch alone: lowest EPE
-            record = {"iteration": iteration, "validation": evaluate.json_safe(metrics)}
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            log(f"validation at {iteration}: " + ", ".join(evaluate.format_metric(k, v) for k, v in metrics.items()
-                                                           if isinstance(v, float)))
-            if best is None or score > best:
-                best = score
-                return metrics, True
+        if not is_main:
+            return None, False
+        metrics = evaluate.validate(bare, config, device, max_items=args.val_items)
+        # The best validation: highest mIoU; the flow branch alone: lowest EPE; Flow2Seg's flow-path
+        # stage: its flow path's mIoU (the fused output reads an image path that stage does not train).
+        score = (metrics["miou_flow_path"] if args.flow2seg_stage == "flow-path"
+                 else metrics.get("miou", -metrics.get("epe_all", math.inf)))
+        append_log({"iteration": iteration, "validation": evaluate.json_safe(metrics)})
+        log(f"validation at {iteration}: " + ", ".join(evaluate.format_metric(k, v) for k, v in metrics.items()
+                                                       if isinstance(v, float)))
+        if best is None or score > best:
+            best = score
+            return metrics, True
         return metrics, False
 
     # Train.
-    net.train()  # the DDP wrapper too
+    run["model"].train()  # the DDP wrapper too
     train_mode(bare, args)
     iterator = iter(loader)
-    log_path = out / "log.jsonl"
     t0, seen, step_time = time.time(), 0, time.time()
     end = args.iterations if args.stop_after is None else min(args.iterations, start + args.stop_after)
     for iteration in range(start, end):
@@ -925,49 +1079,17 @@ def main(argv=None):
         except (OSError, ValueError) as error:  # also raised again here from a DataLoader worker
             raise SystemExit(f"training data, iteration {iteration + 1}: {one_line(error)}; the last checkpoint "
                              f"in {out} is intact") from None
-        batch = merge_companions({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                                  for k, v in items.items()})
-        if args.channels_last:
-            batch = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
-                     for k, v in batch.items()}
-        lr = poly_lr(optimizer, args, iteration)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            total, terms = compute_loss(model, batch, args, iteration, flow_net)
-        # The loss and its terms, averaged over processes: every process sees the same numbers and so
-        # takes the same decision below (a process stopping alone would leave the others waiting).
-        names = sorted(terms)
-        values = torch.stack([total.detach().float()] + [terms[n].float() for n in names])
-        if world > 1:
-            dist.all_reduce(values)
-            values /= world
-        if not torch.isfinite(values).all():
-            bad = ["total"] + names
-            culprit = next(bad[k] for k in range(1, len(bad)) if not torch.isfinite(values[k])) \
-                if not torch.isfinite(values[1:]).all() else "total"
-            raise SystemExit(f"iteration {iteration + 1}: loss term '{culprit}' is not finite ({values.tolist()}); "
-                             f"stopping. The last checkpoint, {out / 'ckpt.pt'}, is from before this iteration "
-                             "and was checked finite when saved.")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if args.clip_grad:
-            torch.nn.utils.clip_grad_norm_(clipped, args.clip_grad)
-        optimizer.step()
+        batch = to_device(items, device, args.channels_last)
+        lr, values, names = train_step(run, batch, args, iteration, world, out)
         seen += args.batch
         done = iteration + 1
         if is_main and (done % args.log_every == 0 or done in (start + 1, args.iterations)):  # first: a sign of life
-            elapsed = time.time() - step_time
-            rate = seen / max(elapsed, 1e-9)
-            eta = (args.iterations - done) * args.batch / max(rate, 1e-9)
-            record = {"iteration": done, "loss": values[0].item(), **{n: values[k + 1].item() for k, n in enumerate(names)},
-                      "lr": lr, "images_per_s": rate, "eta_s": eta, "peak_memory_mb": peak_memory_mb(device)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            log(f"it {done}/{args.iterations}  loss {record['loss']:.4f}  "
-                + "  ".join(f"{n} {record[n]:.4f}" for n in names)
-                + f"  lr {lr:.2e}  {rate:.1f} img/s  eta {eta / 60:.1f} min  peak {record['peak_memory_mb']:.0f} MB")
+            record, line = log_record(done, args, lr, values, names, seen / max(time.time() - step_time, 1e-9), device)
+            append_log(record)
+            log(line)
             seen, step_time = 0, time.time()
         final = done == args.iterations
-        metrics, is_best, paused = None, False, time.time()
+        paused = time.time()
         validating = final or (args.val_every and done % args.val_every == 0)
         if validating or done % args.ckpt_every == 0 or done == end:
             obj = checkpoint(done)  # before validating: a failure there loses no training
@@ -975,7 +1097,7 @@ def main(argv=None):
             metrics, is_best = validation(done)
             if world > 1:
                 dist.barrier()
-            net.train()
+            run["model"].train()
             train_mode(bare, args)
             if is_best:
                 best_iteration = done
@@ -985,16 +1107,8 @@ def main(argv=None):
                 if is_best:
                     save_best(out, obj, final)
         step_time += time.time() - paused  # images/s and ETA count training time only
-    if is_main and end < args.iterations:
-        log(f"stopped after iteration {end} (--stop-after); continue with --resume {out / 'ckpt.pt'}")
-    elif is_main:
-        try:
-            log(f"curves: {evaluate.draw_curves(log_path, out / 'curves.png')}")
-        except (OSError, ValueError) as error:  # a picture must not fail a finished run
-            log(f"curves: not drawn ({one_line(error)})")
-        where = (f"{out / 'best.pt'} (iteration {best_iteration}, weights only)" if (out / "best.pt").exists()
-                 else "the same file" if best_iteration == args.iterations else "no validation ran")
-        log(f"done in {(time.time() - t0) / 60:.1f} min. checkpoint {out / 'ckpt.pt'} (best: {where}), log {log_path}")
+    if is_main:
+        summarise(args, out, end, best_iteration, time.time() - t0, log)
     if world > 1:
         # Teardown, the same on every rank: the loader's worker processes end now (not during
         # interpreter shutdown, while the process group may already be gone), and no rank destroys

@@ -16,6 +16,7 @@ import data
 import evaluate
 import model
 import train
+import synthetic
 
 SIZE = (48, 64)
 K = 9  # the synthetic world's classes
@@ -32,7 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return data.make_synthetic_world(tmp_path_factory.mktemp("world") / "synthetic", num_train=1, num_val=1,
+    return synthetic.make_synthetic_world(tmp_path_factory.mktemp("world") / "synthetic", num_train=1, num_val=1,
                                      size=SIZE, seed=5, workers=1)
 
 
@@ -143,6 +144,21 @@ def test_colour_wheel_maps_the_axes_to_the_standard_colours_and_zero_flow_to_whi
 
 
 # ------------------------------------------------------------------------------ temporal consistency
+def test_merged_cars_count_a_swapped_car_as_right_and_a_missed_car_as_wrong():
+    classes = list(data.SYNTH_CLASSES)
+    confusion = np.diag([50, 40, 30, 20, 10, 8, 8, 2, 0]).astype(np.float64)
+    confusion[5, 6] = confusion[6, 5] = 8  # half of each look-alike car taken for the other
+    split = evaluate.segmentation_metrics(confusion)
+    assert split["iou"][5] == pytest.approx(8 / 24) and split["iou"][6] == pytest.approx(8 / 24)
+    merged = evaluate.merged_car_metrics(confusion, classes)
+    assert merged["iou_car_merged"] == 1.0 and merged["miou_cars_merged"] == 1.0  # bicycle: NaN, left out
+    confusion[5, 0] = 32  # now a car's pixels called road: 32 of the 64 car pixels lost
+    merged = evaluate.merged_car_metrics(confusion, classes)
+    assert merged["iou_car_merged"] == pytest.approx(32 / 64)
+    assert merged["miou_cars_merged"] == pytest.approx(np.mean([50 / 82, 1, 1, 1, 1, 0.5, 1]))
+    assert evaluate.merged_car_metrics(np.eye(3), ["a", "b", "c"]) == {}  # no look-alike cars: nothing
+
+
 def test_temporal_consistency_is_one_for_consistent_predictions_and_drops_with_a_corrupted_frame():
     g = torch.Generator().manual_seed(0)
     H, W = 12, 16

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import data
 import losses
 import warp
+import synthetic
 
 H, W = 32, 48
 GRIDS = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]  # strides 4, 8, 16, 32, 64 of a 32 x 48 image
@@ -438,7 +439,7 @@ def test_flow2seg_loss_weights_and_all_ignore_labels():
 @pytest.fixture(scope="module")
 def moving_world(tmp_path_factory):
     """One val snippet of the synthetic world at its default size (128 x 256), where it moves 5-9 px."""
-    return data.SyntheticSequence(data.make_synthetic_world(tmp_path_factory.mktemp("moving") / "world", num_train=0,
+    return data.SyntheticSequence(synthetic.make_synthetic_world(tmp_path_factory.mktemp("moving") / "world", num_train=0,
                                                             num_val=1, seed=0, workers=1), "val")
 
 

@@ -321,3 +321,119 @@ def test_forward_pair_returns_the_matching_flows_of_both_directions_on_request()
         assert out["match_ab"].shape == (1, 2, 8, 8)
         assert torch.allclose(out["match_ab"], net.flow.matching_flow(out["S_a"], out["S_b"]))
         assert torch.allclose(out["match_ba"], net.flow.matching_flow(out["S_b"], out["S_a"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow2Seg Table 2's context modules on the flow path, Table 3's image-only FCN
+# ---------------------------------------------------------------------------------------------
+def conv_params(c_in, c_out, k, bias=False):
+    return c_in * c_out * k * k + (c_out if bias else 0)
+
+
+def test_aspp_has_deeplabv3s_branches_rates_and_parameters():
+    torch.manual_seed(0)
+    aspp = model.ASPP(16, 4).eval()
+    convs = [branch[0] for branch in aspp.branches]
+    assert [c.kernel_size for c in convs] == [(1, 1), (3, 3), (3, 3), (3, 3)]
+    assert [c.dilation for c in convs] == [(1, 1), (12, 12), (24, 24), (36, 36)]  # DeepLabv3 at output stride 8
+    assert [c.padding for c in convs] == [(0, 0), (12, 12), (24, 24), (36, 36)]  # sizes kept
+    # by hand: 1x1 + BN, three 3x3 + BN, image pooling (1x1 with bias, no BN), 1x1 projection of 5 x 4 + BN
+    by_hand = (conv_params(16, 4, 1) + 8 + 3 * (conv_params(16, 4, 3) + 8) + conv_params(16, 4, 1, bias=True)
+               + conv_params(5 * 4, 4, 1) + 8)
+    assert by_hand == 1980 and sum(p.numel() for p in aspp.parameters()) == by_hand
+    x = torch.randn(2, 16, 12, 13)
+    with torch.no_grad():
+        assert aspp(x).shape == (2, 4, 12, 13) and aspp.out_channels == 4
+        pooled = aspp.image_pool(x)  # (2, 4, 1, 1): one value per image and channel
+        assert torch.allclose(pooled, torch.relu(aspp.image_pool[1](x.mean((2, 3), keepdim=True))))
+        # On a 12x13 map, rate 24's off-centre taps all fall in the padding: the branch is its centre tap,
+        # a 1x1 conv (docs/networks.md); rate 12 still reaches across the 13 columns, so it is not.
+        for index, degenerate in ((2, True), (1, False)):
+            conv = aspp.branches[index][0]
+            centre = torch.nn.functional.conv2d(x, conv.weight[:, :, 1:2, 1:2])
+            assert torch.allclose(conv(x), centre, atol=1e-5) == degenerate
+
+
+def test_denseaspp_layers_read_the_dense_concatenation():
+    torch.manual_seed(0)
+    dense = model.DenseASPP(16, 8, 4).eval()
+    bottlenecks = [layer[0][0] for layer in dense.layers]
+    atrous = [layer[1][0] for layer in dense.layers]
+    assert [c.in_channels for c in bottlenecks] == [16, 20, 24, 28, 32]  # C_in + l * growth
+    assert [c.out_channels for c in bottlenecks] == [8] * 5 and [c.kernel_size for c in bottlenecks] == [(1, 1)] * 5
+    assert [c.dilation for c in atrous] == [(d, d) for d in (3, 6, 12, 18, 24)] and dense.out_channels == 36
+    # by hand: per layer a 1x1 conv (16 + 4l -> 8) + BN and a 3x3 conv (8 -> 4) + BN
+    by_hand = sum(conv_params(16 + 4 * l, 8, 1) + 16 + conv_params(8, 4, 3) + 8 for l in range(5))
+    assert by_hand == 2520 and sum(p.numel() for p in dense.parameters()) == by_hand
+    x = torch.randn(2, 16, 11, 9)
+    with torch.no_grad():
+        out = dense(x)
+        assert out.shape == (2, 36, 11, 9)
+        assert torch.equal(out[:, :16], x)  # the input passes through
+        first = dense.layers[0](x)  # (2, 4, 11, 9)
+        assert torch.equal(out[:, 16:20], first)
+        assert torch.equal(out[:, 20:24], dense.layers[1](torch.cat([x, first], 1)))  # reads input and layer 0
+
+
+@pytest.mark.parametrize("context,channels", [("fcn", 512), ("aspp", 64), ("denseaspp", 512 + 5 * 64),
+                                              ("psp", 2 * 512)])
+def test_flow2seg_flow_path_context_modules(context, channels):
+    torch.manual_seed(0)
+    net = model.Flow2SegNet(K, "resnet18", "resnet18", flow_context=context).eval()
+    seen = []
+    net.flow_head.register_forward_hook(lambda m, inputs, output: seen.append((inputs[0].shape, output.shape)))
+    image, flow = torch.randn(1, 3, 65, 65), torch.randn(1, 2, 65, 65)
+    with torch.no_grad():
+        out = net(image, flow)
+    assert seen == [((1, channels, 9, 9), (1, K, 9, 9))]  # stride 8, K classes
+    assert out["flow_logits"].shape == (1, K, 65, 65) and torch.equal(out["logits"], out["image_logits"])
+    assert net.flow_head[0][0].out_channels == 512 // 4  # the FCN head, c4 / 4 for every context
+    expected = {"fcn": torch.nn.Identity, "aspp": model.ASPP, "denseaspp": model.DenseASPP,
+                "psp": model.PyramidPooling}[context]
+    assert type(net.flow_context) is expected
+    # Widths scaled to ResNet-18's 512 channels: ASPP 512 / 8; DenseASPP 512 / 4 and 512 / 8; PSP 512 / 4 per bin.
+    params = sum(p.numel() for p in net.flow_context.parameters())
+    assert params == {"fcn": 0, "aspp": 971_456, "denseaspp": 780_160, "psp": 263_040}[context]
+    if context == "fcn":  # today's network, unchanged: old checkpoints load
+        assert not any(k.startswith("flow_context.") for k in net.state_dict())
+
+
+def test_image_only_fcn_is_the_pspnet_without_its_pyramid():
+    torch.manual_seed(0)
+    psp = model.PSPNet(K, "resnet18")
+    torch.manual_seed(0)
+    fcn = model.PSPNet(K, "resnet18", context="fcn")
+    assert not any(isinstance(m, model.PyramidPooling) for m in fcn.modules())
+    assert isinstance(fcn.ppm, torch.nn.Identity) and fcn.head[0][0].in_channels == 512
+    assert psp.head[0][0].in_channels == 1024 and fcn.head[0][0].out_channels == psp.head[0][0].out_channels == 512
+    assert fcn.aux_head[0][0].in_channels == 256  # the auxiliary head stays
+    # What the PPM brings, by hand: 4 branches of 512 -> 128 (bin 1 with a bias, the others with BN),
+    # and the head's 3x3 conv reading 1024 instead of 512 channels.
+    ppm = conv_params(512, 128, 1, bias=True) + 3 * (conv_params(512, 128, 1) + 256)
+    count = lambda net: sum(p.numel() for p in net.parameters())
+    assert count(psp) - count(fcn) == ppm + conv_params(512, 512, 3) == 2_622_336
+    assert torch.equal(fcn.backbone.conv1.weight, psp.backbone.conv1.weight)  # same backbone, same start
+    fcn.train()
+    with torch.no_grad():
+        out = fcn(torch.randn(2, 3, 65, 65))
+    assert out["logits"].shape == out["aux"].shape == (2, K, 65, 65)
+    fcn.eval()
+    image = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():  # the head reads layer4 directly
+        direct = fcn.head(fcn.backbone.layer4(fcn.encode(image)[1]))
+        assert torch.equal(fcn.decode(fcn.encode(image)[1])["logits"], direct)
+    with pytest.raises(ValueError, match="context"):
+        model.PSPNet(K, "resnet18", context="aspp")
+
+
+def test_build_model_takes_each_context_only_where_it_means_something():
+    with torch.device("meta"):
+        assert isinstance(model.build_model("psp", K, "resnet18", context="fcn").ppm, torch.nn.Identity)
+        net = model.build_model("flow2seg", K, "resnet18", "resnet18", flow_context="denseaspp")
+        assert isinstance(net.flow_context, model.DenseASPP)
+    for method, kwargs in (("efc", {"context": "fcn"}), ("flow2seg", {"context": "fcn"}),
+                           ("psp", {"flow_context": "aspp"}), ("flow", {"flow_context": "psp"})):
+        with pytest.raises(ValueError, match="context"):
+            model.build_model(method, K, "resnet18", **kwargs)
+    with pytest.raises(ValueError, match="flow context"):
+        model.context_module("nonlocal", 512)

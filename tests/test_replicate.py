@@ -11,11 +11,12 @@ import torch
 import data
 import replicate
 import train
+import synthetic
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return data.make_synthetic_world(tmp_path_factory.mktemp("replicate") / "world", num_train=2, num_val=2,
+    return synthetic.make_synthetic_world(tmp_path_factory.mktemp("replicate") / "world", num_train=2, num_val=2,
                                      size=(64, 128), workers=1)
 
 
@@ -23,11 +24,13 @@ def test_every_table_runs_dependencies_first_and_once():
     order = replicate.needed_variants(list(replicate.TABLES))
     assert len(order) == len(set(order)) == len(replicate.VARIANTS)
     for name in order:
-        dependency = replicate.VARIANTS[name][2]
-        if dependency:
+        for dependency in replicate.VARIANTS[name][2].values():
             assert order.index(dependency) < order.index(name)
-    assert replicate.needed_variants(["flow2seg-table3"]) == ["psp", "flow2seg-gt", "full", "flow2seg-efc",
-                                                             "flow2seg-r50"]
+    # Table 3's Flow2Seg rows start from the PSPNet row (--init); the EFC-flow one also needs the full EFC.
+    assert replicate.needed_variants(["flow2seg-table3"]) == ["image-fcn", "psp", "flow2seg-gt", "full",
+                                                             "flow2seg-efc"]
+    assert replicate.needed_variants(["flow2seg-table2"]) == ["flowpath-r18", "flowpath-r50", "flowpath-r101",
+                                                             "flowpath-aspp", "flowpath-denseaspp", "flowpath-psp"]
     assert "zero" not in replicate.needed_variants(["efc-table2"])
 
 
@@ -47,6 +50,15 @@ def test_commands_are_valid_train_py_commands_with_the_shared_budget(name):
         assert args.flow_init == "runs/r/ul-oe/seed2/ckpt.pt" and args.ablation == "tcc-fix" and not args.init
     if name == "flow2seg-efc":
         assert args.flow_from == "runs/r/full/seed2/ckpt.pt"
+    # Flow2Seg 4.3: the Table 3 Flow2Seg rows start from the PSPNet row's checkpoint
+    assert args.init == (["runs/r/psp/seed2/ckpt.pt"] if name in ("flow2seg-gt", "flow2seg-efc") else [])
+    assert args.flow_from is None or name == "flow2seg-efc"
+    # Table 2: the flow path alone, trained alone, with the row's backbone and context module
+    assert (args.flow2seg_stage == "flow-path") == name.startswith("flowpath-")
+    assert args.flow_context == {"flowpath-aspp": "aspp", "flowpath-denseaspp": "denseaspp",
+                                 "flowpath-psp": "psp"}.get(name, "fcn")
+    assert args.flow_backbone == {"flowpath-r50": "resnet50", "flowpath-r101": "resnet101"}.get(name, "resnet18")
+    assert args.context == ("fcn" if name == "image-fcn" else "psp") and args.backbone == "resnet18"
     if name in train.ABLATIONS:
         assert args.ablation == name
 
@@ -115,8 +127,9 @@ def test_default_folders_keep_other_settings_apart():
 
 def test_a_row_whose_dependency_lost_its_checkpoint_trains_it_again(world, tmp_path, monkeypatch):
     """flow2seg-efc is not cached and full's checkpoint was deleted: full is trained again (not taken
-    from the cache), then flow2seg-efc; the rows that need nothing stay cached."""
-    cached = {"psp", "flow2seg-gt", "full", "flow2seg-r50"}
+    from the cache), then flow2seg-efc; its other dependency, psp, still has its checkpoint and is not
+    trained again; the rows that need nothing stay cached."""
+    cached = {"image-fcn", "psp", "flow2seg-gt", "full"}
     calls = []
 
     def fake_run_variant(name, seed, settings, paths, device, log, use_cache=True):
@@ -127,10 +140,12 @@ def test_a_row_whose_dependency_lost_its_checkpoint_trains_it_again(world, tmp_p
     monkeypatch.setattr(replicate, "run_variant", fake_run_variant)
     monkeypatch.setattr(replicate, "cached_result",
                         lambda name, seed, *a: {"metrics": {}} if name in cached else None)
+    (tmp_path / "runs" / "psp" / "seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "psp" / "seed0" / "ckpt.pt").touch()
     replicate.main(["flow2seg-table3", "--seeds", "1", "--eval-snippets", "1", "--data-root", str(world),
                     "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
-    assert calls == [("psp", True), ("flow2seg-gt", True), ("full", True), ("full", False),
-                     ("flow2seg-efc", False), ("flow2seg-r50", True)]
+    assert calls == [("image-fcn", True), ("psp", True), ("flow2seg-gt", True), ("full", True), ("full", False),
+                     ("flow2seg-efc", False)]
 
 
 def test_readme_update_replaces_only_the_block(tmp_path):
@@ -180,13 +195,65 @@ def test_quick_smoke_run_of_a_table_has_every_variant(world, tmp_path):
     replicate.main(["flow2seg-table3", "--quick", "--seeds", "1", "--iterations", "2", "--crop", "64", "64",
                     "--data-root", str(world), "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
     report = json.loads((tmp_path / "results" / "flow2seg-table3.json").read_text())
-    assert [row["variant"] for row in report["rows"]] == ["psp", "flow2seg-gt", "flow2seg-efc", "flow2seg-r50"]
-    for row in report["rows"]:  # mIoU cells finite (not the PSPNet's absent flow path); a class IoU is
+    assert [row["variant"] for row in report["rows"]] == ["image-fcn", "psp", "flow2seg-gt", "flow2seg-efc"]
+    for row in report["rows"]:  # mIoU cells finite (not the image networks' absent flow path); a class IoU is
         stats = row["stats"]     # finite, or None where the class is in neither labels nor prediction (NaN)
         assert np.isfinite(stats["miou"]["mean"]) and stats["miou"]["n"] == 1
-        if row["variant"] != "psp":
+        if row["variant"] not in ("image-fcn", "psp"):
             assert np.isfinite(stats["miou_flow_path"]["mean"]) and stats["miou_flow_path"]["n"] == 1
         for key in ("iou_car_moving", "iou_car_parked"):
             assert stats[key]["n"] == 1 and np.isfinite(stats[key]["mean"]) or stats[key] == {"mean": None,
                                                                                               "std": None, "n": 0}
     assert (tmp_path / "results" / "flow2seg-table3.md").read_text().count("\n|") >= 5
+
+
+def test_flow2seg_tables_rows_labels_and_the_flow_paths_columns():
+    table2, table3 = replicate.TABLES["flow2seg-table2"], replicate.TABLES["flow2seg-table3"]
+    assert [(name, paper) for name, _, paper in table2["rows"]] == [
+        ("flowpath-r18", "39.6"), ("flowpath-r50", "37.4"), ("flowpath-r101", "35.4"), ("flowpath-aspp", "39.4"),
+        ("flowpath-denseaspp", "39.3"), ("flowpath-psp", "38.2")]
+    assert [key for key, _, _ in table2["columns"]] == ["miou_flow_path", "iou_flow_path_car_moving",
+                                                        "iou_flow_path_car_parked"]
+    assert [name for name, _, _ in table3["rows"]] == ["image-fcn", "psp", "flow2seg-gt", "flow2seg-efc"]
+    assert replicate.VARIANTS["flow2seg-efc"][2] == {"--init": "psp", "--flow-from": "full"}
+    # Table 2 reads the flow path: the fused 'miou' (an untrained image path in this stage) is not shown.
+    seeds, results = [0, 1], {}
+    for k, (name, _, _) in enumerate(table2["rows"]):
+        for seed in seeds:
+            results[(name, seed)] = {"command": f"cmd {name}", "metrics": {
+                "miou": 0.9, "miou_flow_path": 0.30 + 0.01 * k + 0.02 * seed,
+                "iou_flow_path_car_moving": 0.5, "iou_flow_path_car_parked": 0.25, "iou_car_moving": 0.99}}
+    report, markdown = replicate.table_report("flow2seg-table2", results, {"pairs": 12}, dict(replicate.SETTINGS),
+                                              seeds)
+    labels = [row["label"] for row in report["rows"]]  # the backbones that ran
+    assert labels == ["ResNet18-FCN", "ResNet50-FCN", "ResNet101-FCN", "ResNet18 + ASPP", "ResNet18 + DenseASPP",
+                      "ResNet18 + PSP"]
+    assert report["rows"][1]["stats"]["miou_flow_path"]["mean"] == pytest.approx(0.32)
+    assert report["rows"][1]["settings_changed"] == {"flow_backbone": "resnet50"}
+    assert "| ResNet50-FCN | 32.0 ± 1.4 | 50.0 ± 0.0 | 25.0 ± 0.0 | 37.4 |" in markdown and "90.0" not in markdown
+    # Table 3 labels name the image backbone that ran (ResNet18 in the quick settings; the paper's is ResNet101)
+    for name, _, _ in table3["rows"]:
+        results.update({(name, seed): {"command": "c", "metrics": {"miou": 0.5}} for seed in seeds})
+    report, markdown = replicate.table_report("flow2seg-table3", results, {"pairs": 12}, dict(replicate.SETTINGS),
+                                              seeds)
+    assert [row["label"] for row in report["rows"]][:2] == ["ResNet18-FCN (image only)",
+                                                            "ResNet18 + PSP (PSPNet, image only)"]
+    assert "| ResNet18-FCN (image only) | 50.0 ± 0.0 | - | - | - | 75.3 (R101-FCN) |" in markdown
+
+
+def test_evaluation_flows_come_from_the_flow_from_dependency_not_the_init_one(world, tmp_path, monkeypatch):
+    """flow2seg-gt builds on the PSPNet (--init) and reads the ground-truth flow; flow2seg-efc also builds
+    on the full EFC (--flow-from), whose network computes its evaluated frames' flows."""
+    settings = {**replicate.QUICK, "eval_snippets": 1}
+    paths = {"results": tmp_path / "results", "runs": tmp_path / "runs", "data": world}
+    filled, evaluated = [], []
+    monkeypatch.setattr(replicate.train, "read_checkpoint", lambda path: {"iteration": settings["iterations"]})
+    monkeypatch.setattr(replicate.train, "fill_flow_dir", lambda source, *a, **kw: filled.append(Path(source)))
+    monkeypatch.setattr(replicate, "evaluate_run", lambda ckpt, seq, device, flow_dir: evaluated.append(flow_dir) or {})
+    for name in ("flow2seg-gt", "flow2seg-efc"):
+        (tmp_path / "runs" / name / "seed0").mkdir(parents=True)
+        (tmp_path / "runs" / name / "seed0" / "ckpt.pt").touch()  # finished: evaluated only
+        (tmp_path / "runs" / name / "seed0" / "settings.json").write_text(json.dumps(settings))
+        replicate.run_variant(name, 0, settings, paths, "cpu", print)
+    assert filled == [tmp_path / "runs" / "full" / "seed0" / "ckpt.pt"]
+    assert evaluated == [None, tmp_path / "runs" / "flow2seg-efc" / "seed0" / "val_flows"]

@@ -13,14 +13,16 @@ import torch
 
 import data
 import evaluate
+import model
 import train
+import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return str(data.make_synthetic_world(tmp_path_factory.mktemp("train") / "world", num_train=2, num_val=1,
+    return str(synthetic.make_synthetic_world(tmp_path_factory.mktemp("train") / "world", num_train=2, num_val=1,
                                          size=(48, 64), seed=3, workers=1))
 
 
@@ -424,3 +426,57 @@ def test_non_finite_weights_are_never_saved_and_a_nan_init_is_refused(world, tmp
     train.save_checkpoint(tmp_path / "nan.pt", nan)
     with pytest.raises(SystemExit, match=r"nan.pt: .* hold NaN or inf"):
         train.main(tiny(world, tmp_path / "efc", "efc", "--iterations", "1", "--init", str(tmp_path / "nan.pt")))
+
+
+def test_flow_context_round_trips_through_a_checkpoint(world, tmp_path):
+    # Flow2Seg Table 2's context modules (--flow-context) and Table 3's image-only FCN (--context) are
+    # stored in the checkpoint's config; evaluate.load_checkpoint and --init rebuild the right network.
+    torch.set_num_threads(1)
+    train.main(tiny(world, tmp_path / "aspp", "flow2seg", "--iterations", "1", "--flow2seg-stage", "flow-path",
+                    "--flow-context", "aspp", "--val-items", "1"))
+    net, ckpt = evaluate.load_checkpoint(tmp_path / "aspp" / "ckpt.pt")
+    assert ckpt["config"]["flow_context"] == "aspp" and ckpt["config"]["context"] == "psp"
+    assert isinstance(net.flow_context, model.ASPP)
+    assert torch.equal(net.flow_context.project[0].weight, ckpt["model"]["flow_context.project.0.weight"])
+    # The flow-path stage trains the context module with the flow path; the image path and fusion stay frozen.
+    args = train.parse_args(tiny(world, tmp_path / "x", "flow2seg", "--flow2seg-stage", "flow-path",
+                                 "--flow-context", "aspp"))
+    fresh = train.build_model("flow2seg", 9, args.backbone, args.flow_backbone, args.max_displacement,
+                              args.corr_stride, args.context, args.flow_context)
+    trained = {id(q) for g in train.parameter_groups(fresh, args) for q in g["params"]}
+    names = {n for n, q in fresh.named_parameters() if id(q) in trained}
+    assert names == {n for n, _ in fresh.named_parameters() if n.startswith(("flow_backbone.", "flow_context.",
+                                                                             "flow_head."))}
+    assert any(n.startswith("flow_context.") for n in names)
+
+
+def test_image_only_fcn_round_trips_through_a_checkpoint_and_cannot_initialise_flow2seg(world, tmp_path):
+    torch.set_num_threads(1)
+    train.main(tiny(world, tmp_path / "fcn", "psp", "--iterations", "1", "--context", "fcn", "--val-items", "1"))
+    net, ckpt = evaluate.load_checkpoint(tmp_path / "fcn" / "ckpt.pt")
+    assert ckpt["config"]["context"] == "fcn" and isinstance(net.ppm, torch.nn.Identity)
+    # The config, not the weights, decides the network: without the key it is the default PSPNet, which
+    # these weights do not fit (and a checkpoint from before the flags, all defaults, still loads).
+    stripped = {**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "context"}}
+    torch.save(stripped, tmp_path / "stripped.pt")
+    with pytest.raises(ValueError, match="do not fit a psp network with backbone resnet18, context psp"):
+        evaluate.load_checkpoint(tmp_path / "stripped.pt")
+    # Flow2Seg 4.3's image path is a PSPNet: the FCN cannot initialise it.
+    with pytest.raises(SystemExit, match=r"image-only FCN \(--context fcn\), not a PSPNet"):
+        train.main(tiny(world, tmp_path / "f2s", "flow2seg", "--iterations", "1", "--init",
+                        str(tmp_path / "fcn" / "ckpt.pt")))
+
+
+def test_context_flags_are_refused_where_they_mean_nothing(world, tmp_path, capsys):
+    cases = [(["--method", "efc", "--context", "fcn"], "--context fcn is the image-only network of --method psp"),
+             (["--method", "flow2seg", "--context", "fcn"], "--method flow2seg keeps its PSPNet"),
+             (["--method", "psp", "--flow-context", "aspp"], "--flow-context aspp is a context module of Flow2Seg's"),
+             (["--method", "flow", "--flow-context", "psp"], "use it with --method flow2seg")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(argv + ["--data-root", world])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    args = train.parse_args(["--method", "flow2seg", "--flow-context", "denseaspp", "--data-root", world])
+    assert (args.context, args.flow_context) == ("psp", "denseaspp")
+    assert train.parse_args(["--method", "psp", "--data-root", world]).context == "psp"

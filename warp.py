@@ -63,6 +63,16 @@ def backward_warp(x, flow, padding="zeros"):
     are then exactly 0 and 1); differentiable in x and in flow (the weights are linear in the
     fractional position, so d warped / d flow is the local image gradient of the sampled cell).
 
+    The flow gradient where the interpolant has a kink (a position on an integer column or row,
+    where the left and right slopes differ) is the one-sided slope of the cell that floor() picks:
+    the cell to the right (below), i.e. the forward difference x(k+1) - x(k). On the last column
+    (row) that cell would lie outside, its right corner is the column itself, and the slope is 0.
+    Both are what autograd gave through the weights px - floor(px) (the implementation before
+    _BilinearWarp, kept by tests/test_warp.py as the reference). F.grid_sample takes the same
+    cell for the same coordinate, but its [-1, 1] round trip (below) moves a position that lies on
+    an integer in float32 by an ulp to either side, and then takes the other slope: that is the
+    whole of the difference between the two flow gradients (tests/test_warp.py shows it).
+
     The sampling is written out (four gathers and their bilinear weights) rather than done by
     F.grid_sample: grid_sample needs coordinates normalised to [-1, 1], and the round trip
     x -> 2x/(W-1) - 1 -> x is not exact in float32, so zero flow would not return x bit for bit.
@@ -74,39 +84,107 @@ def backward_warp(x, flow, padding="zeros"):
         raise ValueError(f"backward_warp: x {tuple(x.shape)} and flow {tuple(flow.shape)} must share B, H, W")
     if padding not in ("zeros", "border"):
         raise ValueError(f"backward_warp: padding must be 'zeros' or 'border', got {padding!r}")
-    B, C, H, W = x.shape
     dtype = _geometry_dtype(x, flow)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.to(dtype)
-        pos = pixel_grid(H, W, x.device, dtype) + flow.to(dtype)  # (B, 2, H, W) sampling points
-        px, py = pos[:, 0], pos[:, 1]  # (B, H, W) each, in pixels
-        valid = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)  # (B, H, W) bool
-        if padding == "border":
-            px, py = px.clamp(0, W - 1), py.clamp(0, H - 1)
+        # The casts stay outside the Function: autograd casts the gradients back to the inputs' dtypes.
+        return _BilinearWarp.apply(x.to(dtype), flow.to(dtype), padding)
 
-        x0, y0 = px.floor(), py.floor()
-        wx1, wy1 = px - x0, py - y0  # fractional parts in [0, 1): weights of the right / lower cell
-        wx0, wy0 = 1 - wx1, 1 - wy1
-        # Indices are clamped only so that gather stays in range; every out-of-image sample is
-        # zeroed by `valid` below, and an in-image sample on the last row/column has weight 0 on
-        # its clamped neighbour (wx1 = 0 when px = W-1).
-        x0i = x0.clamp(0, W - 1).long()
-        x1i = (x0 + 1).clamp(0, W - 1).long()
-        y0i = y0.clamp(0, H - 1).long()
-        y1i = (y0 + 1).clamp(0, H - 1).long()
 
+def _bilinear_cell(flow, padding):
+    """Where backward_warp samples, for every output pixel: the four corners of the cell around
+    p + flow(p) and their bilinear weights, shared by _BilinearWarp's forward and backward (the
+    backward recomputes them from the flow rather than keeping them).
+
+    flow: (B, 2, H, W). Returns
+      corners: 4 x (index (B, H*W) long into x's flattened H*W, weight (B, H*W)), in the order
+               (y0, x0), (y0, x1), (y1, x0), (y1, x1); with "zeros" the weights are 0 where the
+               sample is outside (that zeroes the sample and every gradient through it);
+      wx, wy:  (B, H*W) each, (wx0, wx1) and (wy0, wy1): d weight / d px = -wy0, +wy0, -wy1, +wy1 for
+               the four corners, and likewise for py (the weights are bilinear in px - x0, py - y0);
+      moves:   (B, 2, H*W) 1 where the position moves with the flow, 0 where "border" clamped it
+               (torch.clamp's gradient: 1 on the closed interval [0, W-1], 0 outside);
+      valid:   (B, H*W) bool, p + flow(p) inside [0, W-1] x [0, H-1].
+    """
+    B, _, H, W = flow.shape
+    pos = (pixel_grid(H, W, flow.device, flow.dtype) + flow).view(B, 2, H * W)  # sampling points, pixels
+    px, py = pos[:, 0], pos[:, 1]  # (B, HW) each
+    valid = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)  # (B, HW) bool
+    moves = torch.ones_like(pos)
+    if padding == "border":
+        moves = torch.stack(((px >= 0) & (px <= W - 1), (py >= 0) & (py <= H - 1)), 1).to(pos.dtype)
+        px, py = px.clamp(0, W - 1), py.clamp(0, H - 1)
+    x0, y0 = px.floor(), py.floor()
+    wx1, wy1 = px - x0, py - y0  # fractional parts in [0, 1): weights of the right / lower cell
+    wx0, wy0 = 1 - wx1, 1 - wy1
+    # Indices are clamped only so that gather stays in range; every out-of-image sample has weight 0
+    # ("zeros") or was clamped into the image ("border"), and an in-image sample on the last
+    # row/column has weight 0 on its clamped neighbour (wx1 = 0 when px = W-1).
+    x0i, x1i = x0.clamp(0, W - 1).long(), (x0 + 1).clamp(0, W - 1).long()
+    y0i, y1i = y0.clamp(0, H - 1).long(), (y0 + 1).clamp(0, H - 1).long()
+    inside = valid.to(pos.dtype) if padding == "zeros" else 1
+    corners = [(y0i * W + x0i, wy0 * wx0 * inside), (y0i * W + x1i, wy0 * wx1 * inside),
+               (y1i * W + x0i, wy1 * wx0 * inside), (y1i * W + x1i, wy1 * wx1 * inside)]
+    return corners, (wx0 * inside, wx1 * inside), (wy0 * inside, wy1 * inside), moves, valid
+
+
+def _gather(flat, index):
+    """flat (B, C, N) at index (B, M) of its last axis -> (B, C, M), every channel at the same places."""
+    B, C, _ = flat.shape
+    return flat.gather(2, index.unsqueeze(1).expand(B, C, index.shape[1]))
+
+
+class _BilinearWarp(torch.autograd.Function):
+    """backward_warp's sampling, with a hand-written backward that keeps nothing of size C.
+
+    Autograd through the four gathers and their weighted sum kept every gathered (B, C, H, W)
+    corner and product for the backward, 2-6x the memory of F.grid_sample (issue #18). Here the
+    forward keeps only its inputs (x is the caller's tensor, kept alive anyway; the flow has two
+    channels) and the backward recomputes the cell (_bilinear_cell) and regathers the corners one
+    at a time:
+        grad x[q]   += sum over the corners k that sample q of  w_k * grad          (scatter-add)
+        grad u      = sum_c grad * (wy0 (x01 - x00) + wy1 (x11 - x10))
+        grad v      = sum_c grad * (wx0 (x10 - x00) + wx1 (x11 - x01))
+    (x_yx the corners (y0, x0), (y0, x1), ...), each times `moves` (0 where border padding clamped
+    the position). In float64 it equals autograd through the gathers to rounding, at the kinks too
+    (tests/test_warp.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x, flow, padding):
+        B, C, H, W = x.shape
+        corners, _, _, _, valid = _bilinear_cell(flow, padding)
         flat = x.reshape(B, C, H * W)
+        warped = None
+        for index, weight in corners:  # summed in place: one gathered corner alive at a time
+            term = _gather(flat, index).mul_(weight.unsqueeze(1))  # (B, C, HW)
+            warped = term if warped is None else warped.add_(term)
+        ctx.save_for_backward(x, flow)
+        ctx.padding = padding
+        valid = valid.view(B, 1, H, W).to(x.dtype)
+        ctx.mark_non_differentiable(valid)
+        return warped.view(B, C, H, W), valid
 
-        def gather(yi, xi):  # (B, H, W) indices -> (B, C, H, W) values of x
-            idx = (yi * W + xi).view(B, 1, H * W).expand(B, C, H * W)
-            return flat.gather(2, idx).view(B, C, H, W)
-
-        warped = ((wy0 * wx0).unsqueeze(1) * gather(y0i, x0i)
-                  + (wy0 * wx1).unsqueeze(1) * gather(y0i, x1i)
-                  + (wy1 * wx0).unsqueeze(1) * gather(y1i, x0i)
-                  + (wy1 * wx1).unsqueeze(1) * gather(y1i, x1i))
-        valid = valid.unsqueeze(1).to(dtype)  # (B, 1, H, W)
-        return (warped * valid if padding == "zeros" else warped), valid
+    @staticmethod
+    def backward(ctx, grad, _):
+        x, flow = ctx.saved_tensors
+        B, C, H, W = x.shape
+        grad_x = grad_flow = None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            corners, (wx0, wx1), (wy0, wy1), moves, _ = _bilinear_cell(flow, ctx.padding)
+            grad = grad.to(x.dtype).reshape(B, C, H * W)
+            if ctx.needs_input_grad[0]:
+                grad_x = x.new_zeros(B, C, H * W)  # contiguous, whatever x's memory format
+                for index, weight in corners:
+                    grad_x.scatter_add_(2, index.unsqueeze(1).expand(B, C, H * W), grad * weight.unsqueeze(1))
+                grad_x = grad_x.view(B, C, H, W)
+            if ctx.needs_input_grad[1]:
+                flat = x.reshape(B, C, H * W)
+                # s_k = sum_c grad * corner k: the output's sensitivity to each corner's value, (B, HW)
+                s00, s01, s10, s11 = (_gather(flat, index).mul_(grad).sum(1) for index, _ in corners)
+                du = wy0 * (s01 - s00) + wy1 * (s11 - s10)  # (B, HW)
+                dv = wx0 * (s10 - s00) + wx1 * (s11 - s01)
+                grad_flow = (torch.stack((du, dv), 1) * moves).view(B, 2, H, W)
+        return grad_x, grad_flow, None
 
 
 def resize_flow(flow, size):
@@ -199,7 +277,15 @@ def fb_occlusion(flow_fw, flow_bw, alpha1=0.01, alpha2=0.5):
         return occluded.to(bw_warped.dtype)
 
 
-def correlation(f1, f2, max_displacement=20, stride=2, normalize=True, tile=64):
+# Maps of at most this many pixels (H * W) take correlation's all-pairs path, larger ones the tiled
+# path. PROVISIONAL, to be measured: 45 * 45 is where issue #18 saw the all-pairs matmul take about
+# 0.6x the tiled time on the 2-core CPU, in timings taken before bench.py interleaved them. Set it from
+# `python bench.py --parts micro` on the machine that trains: its "tiled vs all-pairs" rows give the
+# time ratio at each map size, and its crossover line the largest map at which all-pairs is faster.
+ALL_PAIRS_MAX_PIXELS = 45 * 45
+
+
+def correlation(f1, f2, max_displacement=20, stride=2, normalize=True, tile=64, path=None):
     """FlowNetC correlation with kernel size 1 (Dosovitskiy et al. 2015; Ilg et al. 2017).
 
         out[:, k, y, x] = mean_c f1[:, c, y, x] * f2[:, c, y + dy, x + dx]
@@ -211,25 +297,74 @@ def correlation(f1, f2, max_displacement=20, stride=2, normalize=True, tile=64):
     output's scale independent of the channel count; some reimplementations drop it, so it is a flag).
     The displacements are in pixels of the feature map: at stride 8 that is +-160 image pixels.
 
-    How: dense matmuls, no per-displacement loop over D^2 and no (B, D^2, C, H, W) tensor (the
-    unfold approach). For one vertical offset dy, the dot products of `tile` consecutive pixels
-    of a row of f1 with the tile + D - 1 pixels of row y + dy of f2 that their horizontal offsets
-    reach form a (tile x (tile + D - 1)) matrix, one batched matmul for all tiles of all rows; the
-    wanted offsets are its diagonals M[t, t + j], read out with one gather. With a stride s > 1,
-    pixel x only meets f2 columns of its own residue x mod s, so the columns are split into s
-    interleaved sets first, in which the D offsets are consecutive. Cost: D matmuls computing
-    tile + D - 1 products per pixel to use D of them: at EFC's 90x90 maps (d = 20, s = 2) a residue
-    row is 45 pixels, one tile, 65 products per pixel (a whole row without the split would be
-    W + 2d = 130). Narrower tiles waste less but make matmuls too small to run fast on a CPU
-    (tile 16: slower at 90x90, measured). Memory: the output, the inputs rearranged once (f2 with
-    its tile overlaps), one matrix per offset dy. The backward is written out (_TiledCorrelation).
+    Two implementations of the same definition (tests/test_warp.py checks both, values and
+    gradients), chosen by `path` = "tiled" or "all_pairs", or by the map's size when None:
+    all-pairs up to ALL_PAIRS_MAX_PIXELS pixels, tiled above.
+      * tiled (_tiled_correlation): C * D * (tile + D - 1) multiply-adds per pixel in D small
+        matmuls; memory about the output's.
+      * all-pairs (_all_pairs_correlation): C * H * W multiply-adds per pixel in one large matmul,
+        and a (B, HW, HW) matrix. More arithmetic than the tiled path at EFC's 45x45 and up (at
+        45x45, d = 20, s = 2: 2025 products per pixel against 21 * 43 = 903) but one large matmul
+        runs near the machine's peak where 21 matmuls of 23 x C by C x 43 do not, and it has none of
+        the tiled path's rearranging copies; at 12x12 it also does less arithmetic (144 against
+        546). On large maps the quadratic matrix loses (90x90: 8100 against 1365, and 262 MB per
+        batch item in float32).
     """
     if f1.shape != f2.shape or f1.dim() != 4:
         raise ValueError(f"correlation: f1 {tuple(f1.shape)} and f2 {tuple(f2.shape)} must be equal (B, C, H, W)")
     if max_displacement < 0 or stride < 1 or max_displacement % stride:
         raise ValueError(f"correlation: max_displacement ({max_displacement}) must be a non-negative multiple of stride ({stride})")
+    if path not in (None, "tiled", "all_pairs"):
+        raise ValueError(f"correlation: path must be None, 'tiled' or 'all_pairs', got {path!r}")
     B, C, H, W = f1.shape
-    d, s = max_displacement, stride
+    if path is None:
+        path = "all_pairs" if H * W <= ALL_PAIRS_MAX_PIXELS else "tiled"
+    if path == "all_pairs":
+        out = _all_pairs_correlation(f1, f2, max_displacement, stride)
+    else:
+        out = _tiled_correlation(f1, f2, max_displacement, stride, tile)
+    return out / C if normalize else out
+
+
+def _all_pairs_correlation(f1, f2, d, s):
+    """correlation's all-pairs path: every pixel of f1 against every pixel of f2 in one batched
+    matmul (the cost volume of RAFT, Teed and Deng 2020), then each pixel's D^2 displacements read
+    out of its row with one gather. Autograd differentiates it (matmul and gather; the gather's
+    backward scatters into a (B, HW, HW) zero matrix, as large as the forward's).
+    f1, f2: (B, C, H, W) -> (B, D^2, H, W), summed over the channels (not divided by C)."""
+    B, C, H, W = f1.shape
+    D = 2 * (d // s) + 1
+    # (B, HW, C) @ (B, C, HW): pairs[b, p, q] = f1 pixel p . f2 pixel q (pixels row-major, y * W + x)
+    pairs = torch.matmul(f1.flatten(2).transpose(1, 2), f2.flatten(2))
+    offsets = torch.arange(-d, d + 1, s, device=f1.device)  # (D,) the dy (and dx) values
+    ty = torch.arange(H, device=f1.device).view(1, 1, H, 1) + offsets.view(D, 1, 1, 1)  # (D, 1, H, 1) row y + dy
+    tx = torch.arange(W, device=f1.device).view(1, 1, 1, W) + offsets.view(1, D, 1, 1)  # (1, D, 1, W) column x + dx
+    inside = ((ty >= 0) & (ty < H) & (tx >= 0) & (tx < W)).reshape(D * D, H * W).t()  # (HW, D^2)
+    # f2's pixel for each (pixel p, displacement k), clamped into the map where it lies outside
+    # (those entries are zeroed below): row p of `target` lists p's D^2 partners, k = iy * D + ix.
+    target = (ty.clamp(0, H - 1) * W + tx.clamp(0, W - 1)).reshape(D * D, H * W).t()  # (HW, D^2)
+    out = pairs.gather(2, target.expand(B, H * W, D * D)).masked_fill(~inside, 0)  # (B, HW, D^2)
+    return out.transpose(1, 2).reshape(B, D * D, H, W)
+
+
+def _tiled_correlation(f1, f2, d, s, tile):
+    """correlation's tiled path: dense matmuls, no per-displacement loop over D^2 and no
+    (B, D^2, C, H, W) tensor (the unfold approach). f1, f2: (B, C, H, W) -> (B, D^2, H, W), summed
+    over the channels (not divided by C).
+
+    For one vertical offset dy, the dot products of `tile` consecutive pixels of a row of f1 with
+    the tile + D - 1 pixels of row y + dy of f2 that their horizontal offsets reach form a
+    (tile x (tile + D - 1)) matrix, one batched matmul for all tiles of all rows; the wanted offsets
+    are its diagonals M[t, t + j], read out with one gather. With a stride s > 1, pixel x only meets
+    f2 columns of its own residue x mod s, so the columns are split into s interleaved sets first,
+    in which the D offsets are consecutive. Cost: D matmuls computing tile + D - 1 products per
+    pixel to use D of them: at EFC's 90x90 maps (d = 20, s = 2) a residue row is 45 pixels, one
+    tile, 65 products per pixel (a whole row without the split would be W + 2d = 130). Narrower
+    tiles waste less but make matmuls too small to run fast on a CPU (tile 16: slower at 90x90,
+    measured). Memory: the output, the inputs rearranged once (f2 with its tile overlaps), one
+    matrix per offset dy. The backward is written out (_TiledCorrelation).
+    """
+    B, C, H, W = f1.shape
     D = 2 * (d // s) + 1
     # Column x = m * s + p of f1 (p = x mod s) meets padded f2 column x + d + dx = (m + j) * s + p for
     # dx = -d + j * s, j = 0..D-1: in the set of columns of residue p, offsets are consecutive.
@@ -245,7 +380,7 @@ def correlation(f1, f2, max_displacement=20, stride=2, normalize=True, tile=64):
     rows2 = rows2.unfold(4, T + D - 1, T).permute(0, 1, 2, 4, 3, 5).contiguous()
     out = _TiledCorrelation.apply(rows1, rows2, D, s)  # (B, H, s, D_y, n, T, D_x)
     out = out.permute(0, 3, 6, 1, 4, 5, 2).reshape(B, D * D, H, width * s)[..., :W]  # k = iy * D + ix, x = m s + p
-    return out / C if normalize else out
+    return out
 
 
 class _TiledCorrelation(torch.autograd.Function):

@@ -142,6 +142,18 @@ def test_every_other_ablation_runs_under_torchrun(world, tmp_path, ablation):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_a_finished_torchrun_run_exits_every_time(world, tmp_path):
+    # The exit hang of #15: `--ablation full`, 2 iterations, 2 gloo processes printed "done", then rank 0
+    # waited until killed in 2 of 5 runs (150 s and 18 minutes). Five runs in a row must each exit well
+    # within torchrun_ablation's 300 s (a healthy run takes ~40 s on 2 cores).
+    for k in range(5):
+        started = time.time()
+        result = torchrun_ablation(world, tmp_path / f"run{k}", "full", 29525 + k)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "done in" in result.stdout and time.time() - started < 150, (k, time.time() - started)
+
+
 def test_killing_a_checkpoint_write_never_leaves_a_broken_file(tmp_path):
     target = tmp_path / "ckpt.pt"
     train.save_checkpoint(target, {"iteration": -1, "weights": torch.zeros(10)})

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import warp
 from warp import backward_warp, correlation, fb_occlusion, occlusion_mask, pixel_grid, range_map, resize_flow
 
 
@@ -65,13 +66,171 @@ def test_samples_outside_give_zero_and_invalid():
     assert valid.sum().item() == 18
 
 
-def test_warp_gradcheck_in_x_and_flow():
+def autograd_backward_warp(x, flow, padding="zeros"):
+    """backward_warp as it was before its hand-written backward (issue #18): the same sampling, with
+    autograd differentiating the four gathers and their weights. The reference of the tests below,
+    for values and both gradients, at the kinks too."""
+    B, C, H, W = x.shape
+    pos = pixel_grid(H, W, x.device, x.dtype) + flow
+    px, py = pos[:, 0], pos[:, 1]
+    valid = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)
+    if padding == "border":
+        px, py = px.clamp(0, W - 1), py.clamp(0, H - 1)
+    x0, y0 = px.floor(), py.floor()
+    wx1, wy1 = px - x0, py - y0
+    wx0, wy0 = 1 - wx1, 1 - wy1
+    x0i, x1i = x0.clamp(0, W - 1).long(), (x0 + 1).clamp(0, W - 1).long()
+    y0i, y1i = y0.clamp(0, H - 1).long(), (y0 + 1).clamp(0, H - 1).long()
+    flat = x.reshape(B, C, H * W)
+
+    def gather(yi, xi):
+        return flat.gather(2, (yi * W + xi).view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
+
+    warped = ((wy0 * wx0).unsqueeze(1) * gather(y0i, x0i) + (wy0 * wx1).unsqueeze(1) * gather(y0i, x1i)
+              + (wy1 * wx0).unsqueeze(1) * gather(y1i, x0i) + (wy1 * wx1).unsqueeze(1) * gather(y1i, x1i))
+    valid = valid.unsqueeze(1).to(x.dtype)
+    return (warped * valid if padding == "zeros" else warped), valid
+
+
+def kinked_flow(B, H, W, generator):
+    """A float64 flow whose sampling points cover every case of the bilinear sampler: a quarter
+    random (non-integer, some outside the image), a quarter exactly on integer columns and rows, a
+    quarter one ulp below an integer, and a quarter on the border itself (coordinates 0 and W-1 /
+    H-1, exactly) or outside it."""
+    g = pixel_grid(H, W, dtype=torch.float64)
+    random = 3 * torch.randn(B, 2, H, W, dtype=torch.float64, generator=generator)
+    integer = torch.randint(-2, 3, (B, 2, H, W), generator=generator).double()
+    target = (g + integer).clamp(min=1)  # integer positions >= 1, so that one ulp below is below an integer
+    below = torch.nextafter(target, torch.zeros_like(target)) - g
+    size = torch.tensor([W - 1.0, H - 1.0], dtype=torch.float64).view(1, 2, 1, 1)
+    edge = torch.randint(0, 3, (B, 2, H, W), generator=generator).double()  # 0: coordinate 0, 1: the last, 2: outside
+    border = torch.where(edge == 0, 0.0, torch.where(edge == 1, size, size + 0.5)) - g
+    case = torch.randint(0, 4, (B, 1, H, W), generator=generator)
+    return torch.where(case == 0, random, torch.where(case == 1, integer, torch.where(case == 2, below, border)))
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_hand_written_backward_equals_autograd_through_the_gathers(padding):
+    # Values and both gradients, at random, integer, just-below-integer and border positions, in
+    # float64: the same numbers as the implementation it replaces, so the convention at the kinks is
+    # unchanged (see test_flow_gradient_takes_the_slope_of_the_cell_floor_picks).
+    generator = torch.Generator().manual_seed(1)
+    B, C, H, W = 2, 3, 6, 7
+    x = torch.randn(B, C, H, W, dtype=torch.float64, generator=generator, requires_grad=True)
+    flow = kinked_flow(B, H, W, generator).requires_grad_()
+    weights = torch.randn(B, C, H, W, dtype=torch.float64, generator=generator)
+    ours, valid = backward_warp(x, flow, padding)
+    reference, reference_valid = autograd_backward_warp(x, flow, padding)
+    assert torch.equal(ours, reference) and torch.equal(valid, reference_valid)
+    assert 0 < valid.mean() < 1 and not valid.requires_grad
+    grads = torch.autograd.grad((ours * weights).sum(), (x, flow))
+    reference_grads = torch.autograd.grad((reference * weights).sum(), (x, flow))
+    for a, b in zip(grads, reference_grads):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert grads[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_warp_gradcheck_in_x_and_flow(padding):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    # Fractional positions away from the cell edges, where bilinear sampling is differentiable.
+    # Fractional positions away from the cell edges, where bilinear sampling is differentiable
+    # (gradcheck's central difference across a kink would average the two one-sided slopes); the
+    # integer part reaches up to 3 pixels outside, where "zeros" gives 0 and "border" clamps.
     flow = (0.3 + 0.4 * torch.rand(2, 2, 5, 6, dtype=torch.float64)) * torch.tensor([1.0, -1.0], dtype=torch.float64).view(1, 2, 1, 1)
-    flow = (flow + torch.randint(-2, 3, (2, 2, 5, 6)).double()).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, f: backward_warp(a, f)[0], (x, flow))
+    flow = (flow + torch.randint(-3, 4, (2, 2, 5, 6)).double()).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, f: backward_warp(a, f, padding)[0], (x, flow), fast_mode=True)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_flow_gradient_takes_the_slope_of_the_cell_floor_picks(padding):
+    # The interpolant of x = [0, 1, 4, 9, 16] (k^2) has a kink at every integer: slopes 1, 3, 5, 7.
+    # d warped / d u at a position p is the slope of the cell [floor(p), floor(p) + 1]:
+    #   p = 2 exactly      -> the cell to the right, 9 - 4 = 5 (the forward difference);
+    #   p = 2 - one ulp    -> the cell to the left, 4 - 1 = 3;
+    #   p = 4 = W - 1      -> no cell to the right: its corner is column 4 itself, slope 0;
+    #   p = 0 exactly      -> 1 - 0 = 1.
+    # Why the right-hand slope: it is the derivative of what is computed on [k, k + 1), the cell
+    # that contains k (floor), and what autograd gave through the weights px - floor(px) before the
+    # backward was written out (test above). Integer positions are not rare: zero flow, the flow
+    # decoder's start (model.FlowDecoder), samples every pixel on its integer centre.
+    x = torch.tensor([0.0, 1, 4, 9, 16], dtype=torch.float64).view(1, 1, 1, 5).expand(1, 1, 2, 5)
+    two = torch.tensor(2.0, dtype=torch.float64)
+    positions = torch.stack([two, torch.nextafter(two, torch.tensor(0.0, dtype=torch.float64)),
+                             torch.tensor(4.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)])
+    for p, slope in zip(positions, (5.0, 3.0, 0.0, 1.0)):
+        flow = torch.zeros(1, 2, 2, 5, dtype=torch.float64)
+        flow[0, 0, 0, 1] = p - 1  # pixel (x, y) = (1, 0) samples at (p, 0)
+        flow.requires_grad_()
+        warped, _ = backward_warp(x, flow, padding)
+        grad, = torch.autograd.grad(warped[0, 0, 0, 1], flow)
+        assert grad[0, 0, 0, 1].item() == slope, (p.item(), padding)
+        assert grad.abs().sum().item() == abs(slope)  # nothing reaches v or the other pixels
+
+
+def test_grid_sample_flow_gradient_differs_where_its_round_trip_crosses_an_integer():
+    # Issue #18 saw the flow gradient differ from grid_sample's by up to 6.0 (on a scale of 21) at
+    # 512x1024. Where: at positions within float32 rounding of an integer. grid_sample maps x to
+    # 2x/(W-1) - 1 and back; on a 1024-wide map the round trip moves a position one ulp below an
+    # integer k to k or above, and grid_sample then takes the cell to the right, we the cell to the
+    # left (floor of the exact position). Both take the slope of the cell floor() picks, of
+    # different coordinates: the differences are whole slope differences, x(k+1) - 2x(k) + x(k-1).
+    torch.manual_seed(0)
+    W = 1024
+    x = torch.randn(1, 1, 2, W)
+    k = torch.arange(1, W - 1, dtype=torch.float32)
+    flow = torch.zeros(1, 2, 2, W)
+    flow[0, 0, 0, 1:-1] = torch.nextafter(k, torch.zeros_like(k)) - k  # one ulp below each integer
+    flow.requires_grad_()
+    ours, = torch.autograd.grad(backward_warp(x, flow)[0].sum(), flow)
+    pos = pixel_grid(2, W) + flow.detach()
+    grid = torch.stack((2 * pos[:, 0] / (W - 1) - 1, 2 * pos[:, 1] - 1), dim=-1)  # (1, 2, W, 2), H - 1 = 1
+    sampled = torch.nn.functional.grid_sample(x, grid.requires_grad_(), align_corners=True)
+    theirs = torch.autograd.grad(sampled.sum(), grid)[0][..., 0] * 2 / (W - 1)  # d/d grid -> d/d pixels
+    row = x[0, 0, 0]
+    left, right = row[1:-1] - row[:-2], row[2:] - row[1:-1]  # slopes of the cells left and right of k
+    assert torch.allclose(ours[0, 0, 0, 1:-1], left, atol=1e-5)
+    flipped = (theirs[0, 0, 1:-1] - left).abs() > 1e-3
+    assert flipped.sum() > 10  # 87 of 1022 with torch 2.13's grid_sample
+    assert torch.allclose(theirs[0, 0, 1:-1][flipped], right[flipped], atol=1e-3)
+
+
+def test_hand_written_backward_takes_channels_last_inputs():
+    # train.py --channels-last hands the losses NHWC features and images: the same numbers.
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    flow = 2 * torch.randn(2, 2, 6, 7, dtype=torch.float64)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        a = x.contiguous(memory_format=layout).requires_grad_()
+        f = flow.contiguous(memory_format=layout).requires_grad_()
+        warped, _ = backward_warp(a, f)
+        results.append((warped, *torch.autograd.grad(warped.square().sum(), (a, f))))
+    assert all(torch.allclose(p, q, atol=1e-12) for p, q in zip(*results))
+
+
+def test_hand_written_backward_keeps_nothing_of_size_c_but_x():
+    # The memory the issue asked to cut: what the graph keeps for the backward. Ours keeps x (the
+    # caller's tensor, alive anyway) and the flow; autograd through the gathers kept every corner.
+    B, C, H, W = 1, 16, 8, 9
+    x = torch.randn(B, C, H, W, requires_grad=True)
+    flow = torch.randn(B, 2, H, W, requires_grad=True)
+
+    def saved_bytes(fn):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x, flow)
+        return sum(n for ptr, n in storages.items() if ptr not in (x.untyped_storage().data_ptr(),
+                                                                    flow.untyped_storage().data_ptr()))
+
+    size_c = B * C * H * W * 4  # bytes of one float32 (B, C, H, W)
+    assert saved_bytes(backward_warp) < size_c / 4
+    assert saved_bytes(autograd_backward_warp) >= 4 * size_c
 
 
 def test_warp_under_bf16_autocast_samples_in_float32():
@@ -260,24 +419,51 @@ def naive_correlation(f1, f2, d, s):
     return out
 
 
+PATHS = ["tiled", "all_pairs"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("B,C,H,W,d,s", [(2, 3, 5, 7, 2, 1), (1, 4, 7, 5, 4, 2), (3, 2, 6, 9, 6, 3), (2, 5, 3, 11, 4, 4)])
-def test_correlation_matches_the_definition(B, C, H, W, d, s):
+def test_correlation_matches_the_definition(B, C, H, W, d, s, path):
+    # Values and gradients: the gradients of the pixel-by-pixel definition come from autograd
+    # through naive_correlation's slice assignments.
     torch.manual_seed(B * 100 + d)
-    f1 = torch.randn(B, C, H, W, dtype=torch.float64)
-    f2 = torch.randn(B, C, H, W, dtype=torch.float64)
-    out = correlation(f1, f2, d, s)
+    f1 = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
+    f2 = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
+    out = correlation(f1, f2, d, s, path=path)
+    definition = naive_correlation(f1, f2, d, s)
     assert out.shape == (B, (2 * (d // s) + 1) ** 2, H, W)
-    assert torch.allclose(out, naive_correlation(f1, f2, d, s), atol=1e-12)
-    assert torch.allclose(correlation(f1, f2, d, s, normalize=False), out * C, atol=1e-12)
+    assert torch.allclose(out, definition, atol=1e-12)
+    assert torch.allclose(correlation(f1, f2, d, s, normalize=False, path=path), out * C, atol=1e-12)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), (f1, f2))
+    definition_grads = torch.autograd.grad((definition * weights).sum(), (f1, f2))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, definition_grads))
 
 
-def test_correlation_channel_order_and_default_size():
+def test_correlation_picks_the_all_pairs_path_up_to_its_threshold(monkeypatch):
+    # By the map's pixel count: all-pairs up to warp.ALL_PAIRS_MAX_PIXELS, tiled above; an explicit
+    # path wins. Spies record which path ran.
+    taken = []
+    for name in ("_tiled_correlation", "_all_pairs_correlation"):
+        original = getattr(warp, name)
+        monkeypatch.setattr(warp, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
+    monkeypatch.setattr(warp, "ALL_PAIRS_MAX_PIXELS", 4 * 6)
+    for H, W, path in ((4, 6, None), (5, 5, None), (3, 3, "tiled"), (6, 6, "all_pairs")):
+        correlation(torch.randn(1, 2, H, W), torch.randn(1, 2, H, W), 2, 1, path=path)
+    assert taken == ["_all_pairs_correlation", "_tiled_correlation", "_tiled_correlation", "_all_pairs_correlation"]
+    with pytest.raises(ValueError, match="path"):
+        correlation(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), path="loop")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_correlation_channel_order_and_default_size(path):
     # One bright pixel in f2 at (y, x) = (4, 7); f1 all ones: the response at f1 pixel (2, 3) is in
     # channel k = iy * D + ix with dy = 2, dx = 4 at stride 2 -> iy = (2 + 20) / 2, ix = (4 + 20) / 2.
     f1 = torch.ones(1, 1, 10, 12)
     f2 = torch.zeros(1, 1, 10, 12)
     f2[0, 0, 4, 7] = 1
-    out = correlation(f1, f2)
+    out = correlation(f1, f2, path=path)
     assert out.shape == (1, 441, 10, 12)
     k = 11 * 21 + 12
     assert out[0, k, 2, 3] == 1 and out[0, k].sum() == 1
@@ -285,10 +471,14 @@ def test_correlation_channel_order_and_default_size():
     assert out.sum() == 30
 
 
-def test_correlation_gradcheck():
+@pytest.mark.parametrize("path", PATHS)
+def test_correlation_gradcheck(path):
+    # fast_mode: gradcheck's full mode runs one backward per output element (500 here), each with
+    # small matmuls that stall on a busy 2-core machine (torch's 2-thread regions wait ~16 ms for
+    # the second core: measured 16 ms per 20x20 bmm under load, 2 us with one thread).
     f1 = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
     f2 = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: correlation(a, b, 2, 1), (f1, f2))
+    assert torch.autograd.gradcheck(lambda a, b: correlation(a, b, 2, 1, path=path), (f1, f2), fast_mode=True)
 
 
 def test_correlation_rejects_bad_arguments():
@@ -322,17 +512,19 @@ def test_correlation_tiles_give_the_same_result(tile):
     f1 = torch.randn(2, 3, 4, 13, dtype=torch.float64)
     f2 = torch.randn(2, 3, 4, 13, dtype=torch.float64)
     for d, s in ((4, 2), (3, 1), (6, 3)):
-        assert torch.allclose(correlation(f1, f2, d, s, tile=tile), naive_correlation(f1, f2, d, s), atol=1e-12)
+        out = correlation(f1, f2, d, s, tile=tile, path="tiled")
+        assert torch.allclose(out, naive_correlation(f1, f2, d, s), atol=1e-12)
 
 
-def test_correlation_under_bf16_autocast_matches_float32():
+@pytest.mark.parametrize("path", PATHS)
+def test_correlation_under_bf16_autocast_matches_float32(path):
     torch.manual_seed(5)
     f1 = torch.randn(2, 8, 6, 10, requires_grad=True)
     f2 = torch.randn(2, 8, 6, 10, requires_grad=True)
-    reference = correlation(f1, f2, 4, 2)
+    reference = correlation(f1, f2, 4, 2, path=path)
     g1, g2 = torch.autograd.grad(reference.square().sum(), (f1, f2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = correlation(f1, f2, 4, 2)
+        out = correlation(f1, f2, 4, 2, path=path)
     assert out.dtype == torch.bfloat16  # the matmuls ran in the autocast dtype, as torch.matmul would
     h1, h2 = torch.autograd.grad(out.float().square().sum(), (f1, f2))
     assert h1.dtype == h2.dtype == torch.float32

@@ -14,34 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import data
 import synthetic
 from data import CAR_MOVING, CAR_PARKED, LABELLED_INDEX, SNIPPET_LENGTH, SYNTH_CLASSES, SyntheticSequence, denormalize
-from warp import backward_warp
+from test_data import SIZE, load_png, photometric_error  # the same tiny world's size and helpers
 
 ROOT = Path(__file__).resolve().parent.parent
-
-SIZE = (48, 64)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return synthetic.make_synthetic_world(tmp_path_factory.mktemp("world") / "synthetic", num_train=2, num_val=1,
                                           size=SIZE, seed=3, workers=1)
-
-
-def load_png(path):
-    return np.array(Image.open(path))
-
-
-def photometric_error(image_a, image_b, flow, mask):
-    """|backward_warp(b, F_a->b) - a| (mean over RGB) at the pixels of `mask` whose target is inside b
-    -> (1-D tensor of errors, the mask of those pixels)."""
-    warped, inside = backward_warp(image_b[None], flow[None])
-    keep = mask & (inside[0, 0] > 0)
-    return (warped[0] - image_a).abs().mean(0)[keep], keep
 
 
 # ------------------------------------------------------------------------------------ the world

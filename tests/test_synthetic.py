@@ -19,6 +19,7 @@ import data
 import synthetic
 from data import CAR_MOVING, CAR_PARKED, LABELLED_INDEX, SNIPPET_LENGTH, SYNTH_CLASSES, SyntheticSequence, denormalize
 from test_data import SIZE, load_png, photometric_error  # the same tiny world's size and helpers
+from warp import backward_warp
 
 ROOT = Path(__file__).resolve().parent.parent
 

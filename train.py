@@ -778,7 +778,21 @@ def compute_loss(net, batch, args, iteration, flow_net=None):
             fixed = flow_net(batch["image_a"], batch["image_b"], segment=False)
         out.update({key: fixed[key] for key in ("flow_ab", "flow_ba", "occ_a", "occ_b")})
     weights = {"cons": args.cons_weight, "occ": args.occ_weight, "sm": args.sm_weight}
-    return losses.efc_loss(out, batch, weights, warmup=warmup, **switches)
+    total, terms = losses.efc_loss(out, batch, weights, warmup=warmup, **switches)
+    # The log shows only the terms this run can have (efc_loss returns every term, a dropped one as 0):
+    # a constant 0 for a term the method never uses reads like a term that failed to learn.
+    unused = set()
+    if switches.get("flow_only"):
+        unused |= {"seg", "cons"}
+    if switches.get("consistency") is False:
+        unused.add("cons")
+    if switches.get("occlusion") is False:
+        unused.add("occ")
+    if switches.get("frozen_flow"):
+        unused |= {"pm", "sm", "occ"}
+    if not args.flow_warmup:
+        unused.add("warmup")
+    return total, {name: value for name, value in terms.items() if name not in unused}
 
 
 def peak_memory_mb(device):

@@ -1180,14 +1180,20 @@ class JointTransform:
     With train=False only a centre crop (if `crop`) and the normalisation are applied.
     Defaults: scale [0.5, 2] (Flow2Seg 4.2); rotation +-10 degrees and jitter 0.1 are our choices
     (EFC uses both without giving ranges; Flow2Seg's jitter of +-10 grey levels is about +-0.04).
+    pad=False (the networks whose flow learns from photometric losses, see train.training_dataset)
+    keeps every crop pixel inside the image: the scale's lower bound rises to the smallest scale at
+    which the image covers the crop, and `rotate` must be 0 (a rotated frame's corners are padding).
 
     Randomness comes from torch's global generator, which DataLoader seeds differently in each
     worker (see worker_init_fn); every entry of one sample uses the same draw.
     """
 
-    def __init__(self, crop=None, scale=(0.5, 2.0), flip=True, rotate=10.0, jitter=0.1, train=True):
+    def __init__(self, crop=None, scale=(0.5, 2.0), flip=True, rotate=10.0, jitter=0.1, train=True, pad=True):
         self.crop = None if crop is None else (int(crop[0]), int(crop[1]))
-        self.scale, self.rotate, self.train = scale, float(rotate), train
+        self.scale, self.rotate, self.train, self.pad = scale, float(rotate), train, pad
+        if not pad and self.rotate:
+            raise ValueError(f"JointTransform: pad=False needs rotate=0 (got {rotate}): the corners of a "
+                             "rotated frame are padding")
         self.flip = 0.5 if flip is True else float(flip)
         self.jitter = (float(jitter),) * 3 if np.isscalar(jitter) else tuple(float(j) for j in jitter)
 
@@ -1201,8 +1207,13 @@ class JointTransform:
             if any(self.jitter):
                 sample = _jitter_sample(sample, *(1 + _uniform(-j, j) for j in self.jitter))
             if self.scale:
-                s = _uniform(*self.scale)
+                low, high = self.scale
+                if not self.pad and self.crop is not None:  # the smallest scale at which the image covers the crop
+                    low = max(low, self.crop[0] / H, self.crop[1] / W)
+                s = _uniform(low, max(low, high))
                 H, W = max(1, round(H * s)), max(1, round(W * s))
+                if not self.pad and self.crop is not None:  # rounding must not leave the crop a pixel short
+                    H, W = max(H, self.crop[0]), max(W, self.crop[1])
                 sample = _resize_sample(sample, (H, W))
             if self.rotate:
                 sample = _rotate_sample(sample, _uniform(-self.rotate, self.rotate))

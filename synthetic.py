@@ -68,6 +68,7 @@ from data import (BICYCLE, BUILDING, CAR_MOVING, CAR_PARKED, INCOMPLETE_MARKER, 
 # no pixel clips.
 # =============================================================================================
 SNIPPETS_PER_CITY = 10  # snippets per "city" folder (synth0, synth1, .., synthval0, ..)
+FRAME_SIZE = (128, 256)  # (H, W) of the default world's frames: Cityscapes' 1:2 at 1/8 of 1024x2048
 
 Sprite = namedtuple("Sprite", "cls texture mask pos")  # texture (h, w, 3), mask (h, w) bool, pos (T, 2) of texel (0, 0)
 
@@ -408,7 +409,7 @@ def _write_snippet(job):
             write_kitti_flow(folder["flow_bw"] / f"{prefix}_leftImg8bit_flow.png", frame["flow_bw"])
 
 
-def make_synthetic_world(out=SYNTH_DEFAULT_ROOT, num_train=40, num_val=10, size=(128, 256), seed=0, workers=None,
+def make_synthetic_world(out=SYNTH_DEFAULT_ROOT, num_train=40, num_val=10, size=FRAME_SIZE, seed=0, workers=None,
                          overwrite=False):
     """Write the synthetic world under `out` in the Cityscapes layout (see docs/data.md).
 
@@ -499,7 +500,7 @@ def main():
     synth.add_argument("--out", default=SYNTH_DEFAULT_ROOT, help="output folder (default: %(default)s)")
     synth.add_argument("--train", type=int, default=40, help="training snippets (default: %(default)s)")
     synth.add_argument("--val", type=int, default=10, help="validation snippets (default: %(default)s)")
-    synth.add_argument("--size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"),
+    synth.add_argument("--size", type=int, nargs=2, default=FRAME_SIZE, metavar=("H", "W"),
                        help="frame size (default: 128 256)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")

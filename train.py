@@ -234,6 +234,14 @@ def parse_args(argv=None):
     # the warm-up (val EPE 3.61 px at 300 iterations, 4.44 at 400, F(a, a) growing); with the
     # encoder frozen it kept improving (4.67, 4.02, 3.41 at 200, 300, 400). EFC keeps L_seg.
     recipe["freeze"] = "seg" if args.recipe == "quick" and args.method == "flow" else ""
+    # The quick recipe trains the unsupervised flow (efc, flow) on whole frames of the default world.
+    # On 96x96 crops the stride-8 features are 12x12 cells, most of them within reach of the
+    # encoder's zero padding, which looks alike in both frames: the correlation's own flow then
+    # shrinks the camera pan (slope 0.47 of the true per-crop pan; 0.77 on whole frames), and so did
+    # the flow learned from it (slope 0.33). UL + OE after 400 iterations: 3.59 px on 96x96 crops,
+    # 2.87 px on whole frames without padding, 1.5x the time per item (docs/learning.md).
+    if args.recipe == "quick" and args.method in ("efc", "flow") and args.dataset == "synthetic":
+        recipe["crop"] = list(synthetic.FRAME_SIZE)
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -296,7 +304,11 @@ def recipe_help(parser):
     """Append to every flag's help what it defaults to: the recipes' values for the flags a recipe
     sets (quick per method where they differ; paper for efc / flow / psp and for flow2seg), else
     the parser default. Generated from QUICK, OPTIMIZER and PAPER_*, so --help cannot drift."""
-    computed = {"clip_grad": "10 for efc and flow, else 0", "freeze": "quick: seg for flow, else none; paper: none"}
+    computed = {"clip_grad": "10 for efc and flow, else 0", "freeze": "quick: seg for flow, else none; paper: none",
+                "crop": f"quick: {QUICK['crop'][0]} {QUICK['crop'][1]}, whole frames ({synthetic.FRAME_SIZE[0]} "
+                        f"{synthetic.FRAME_SIZE[1]}) for efc and flow on the synthetic world; paper: "
+                        f"{PAPER_EFC['crop'][0]} {PAPER_EFC['crop'][1]} (flow2seg: {PAPER_FLOW2SEG['crop'][0]} "
+                        f"{PAPER_FLOW2SEG['crop'][1]})"}
     quick = {**QUICK,
              "optimizer": ", ".join(f"{m} {o}" for m, (o, _) in OPTIMIZER.items()),
              "lr": ", ".join(f"{m} {lr:g}" for m, (_, lr) in OPTIMIZER.items())}
@@ -404,7 +416,14 @@ class GlobalBatches:
 
 def training_dataset(args):
     """The training set of a method and dataset, with the joint augmentation (data.JointTransform)."""
-    transform = data.JointTransform(crop=args.crop, train=not args.no_augment)
+    # No padding where the flow learns from photometric losses (efc, flow): padded pixels (the image
+    # scaled below the crop, a rotated frame's corners) are black in both frames at the same place, a
+    # static pattern with sharp edges that L_pm scores best at zero flow. With the default scale
+    # [0.5, 2] and +-10 degrees they were 6 % of the pixels of 96x96 crops of the world (17 % of full
+    # frames), and they pulled the learned pan towards zero (docs/learning.md).
+    photometric = args.method in ("efc", "flow") and not args.flow_supervised
+    transform = data.JointTransform(crop=args.crop, train=not args.no_augment, pad=not photometric,
+                                    rotate=0.0 if photometric else 10.0)
     root = args.data_root
     pairs, labelled, mode = args.pairs_per_snippet, args.labelled_pairs, pair_mode(args)
     if args.ablation:

@@ -364,6 +364,25 @@ def test_colour_jitter_is_the_same_on_both_frames_and_leaves_flows_alone():
     assert torch.allclose(denormalize(evaluation["image_a"][None])[0], image[:, 2:18, 7:23], atol=1e-6)
 
 
+def test_without_padding_every_crop_pixel_is_image_and_the_scale_still_varies():
+    # The flow-training augmentation (train.training_dataset for efc and flow): padded pixels are a
+    # static black pattern in both frames that the photometric loss scores best at zero flow.
+    sample = {"image_a": torch.rand(3, 48, 64) * 0.8 + 0.1, "flow": torch.randn(2, 48, 64)}
+    torch.manual_seed(0)
+    padded = JointTransform(crop=(40, 56), scale=(0.5, 2.0), rotate=10, jitter=0)
+    plain = JointTransform(crop=(40, 56), scale=(0.5, 2.0), rotate=0, jitter=0, pad=False)
+    assert any(not padded(sample)["flow_valid"].all() for _ in range(20))  # the default does pad
+    means = set()
+    for _ in range(40):
+        out = plain(sample)
+        assert out["image_a"].shape[1:] == (40, 56) and out["flow_valid"].all()
+        assert (denormalize(out["image_a"][None])[0] > 0.05).all()  # no black padding pixel
+        means.add(round(out["flow"].abs().mean().item(), 3))  # flow values scale with the draw
+    assert len(means) > 30
+    with pytest.raises(ValueError, match="rotate=0"):
+        JointTransform(crop=(40, 56), pad=False)
+
+
 # --------------------------------------------------------------------- DataLoader and workers
 class NumpyNoise(Dataset):
     def __len__(self):

@@ -338,6 +338,18 @@ def test_flow_warmup_trains_towards_the_matching_flow_then_hands_over_to_the_pap
             train.parse_args(argv)
 
 
+def test_the_unsupervised_flow_trains_on_whole_unpadded_frames(world, tmp_path):
+    # Quick recipe, synthetic world: efc and flow crop whole frames and never pad (docs/choices.md);
+    # an explicit --crop wins; the segmentation-only methods keep 96x96 crops with padding and rotation.
+    for method, crop in (("flow", [128, 256]), ("efc", [128, 256]), ("psp", [96, 96]), ("flow2seg", [96, 96])):
+        assert train.parse_args(["--method", method]).crop == crop, method
+    assert train.parse_args(["--method", "efc", "--crop", "64", "80"]).crop == [64, 80]
+    assert train.parse_args(["--method", "efc", "--recipe", "paper"]).crop == [713, 713]
+    for method, pad in (("efc", False), ("flow", False), ("psp", True), ("flow2seg", True)):
+        transform = train.training_dataset(train.parse_args(tiny(world, tmp_path, method))).transform
+        assert transform.pad is pad and (transform.rotate == 0) is not pad, method
+
+
 def test_a_run_folder_is_never_reused_silently_and_resume_keeps_the_runs_settings(world, tmp_path):
     torch.set_num_threads(1)
     run = tmp_path / "run"

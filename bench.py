@@ -103,10 +103,11 @@ LOADED = 0.10
 
 # Micro-benchmark features (--micro-shapes default): layer3 of R18 (256 channels) and of R50/R101
 # (1024) for 2 x --batch items, since EFCNet.forward_pair runs the flow decoder once on the pairs
-# in both directions, [(a, b); (b, a)], and L_cons warps such features. Map side -> (max
+# in both directions, [(a, b); (b, a)], and L_cons warps such features. Map (H, W) -> (max
 # displacement, stride) of the recipe that makes it: 713x713 crops (EFC) give 90x90 at stride 8
-# with EFC's d = 20, s = 2; train.py's quick recipe, 96x96 crops, gives 12x12 with d = 4, s = 1.
-MICRO_MAPS = {90: (20, 2), 12: (4, 1)}
+# with EFC's d = 20, s = 2; train.py's quick recipe trains efc and flow on whole 128x256 frames of
+# the world: 16x32 with d = 4, s = 1.
+MICRO_MAPS = {(90, 90): (20, 2), (16, 32): (4, 1)}
 MICRO_CHANNELS = (256, 1024)
 # Map sides between, at 256 channels and d = 20, s = 2, where warp.correlation's all-pairs path
 # stops being the faster (all_pairs_crossover): warp.ALL_PAIRS_MAX_PIXELS is set from them.
@@ -776,7 +777,7 @@ def grid_sample_warp(x, flow):
 def micro_shapes(batch):
     """The default --micro-shapes: (B, C, H, W, d, s) for EFC's maps and channels (MICRO_MAPS,
     MICRO_CHANNELS), then the sweep (SWEEP_MAPS, 256 channels, d = 20, s = 2), B = 2 * batch."""
-    efc = [(2 * batch, C, side, side, *MICRO_MAPS[side]) for side in MICRO_MAPS for C in MICRO_CHANNELS]
+    efc = [(2 * batch, C, H, W, *MICRO_MAPS[H, W]) for H, W in MICRO_MAPS for C in MICRO_CHANNELS]
     sweep = [(2 * batch, 256, side, side, 20, 2) for side in SWEEP_MAPS]
     return efc + [shape for shape in sweep if shape not in efc]
 
@@ -1279,7 +1280,7 @@ def parse_args(argv=None):
                                               "their FLOPs")
     p.add_argument("--micro-shapes", nargs="+", type=parse_micro_shape, metavar="BxCxHxW[:d:s]",
                    help="features of the micro-benchmarks (d, s: the correlation's range and stride, default 20:2); "
-                        "default: 2 x --batch items of 256 and 1024 channels at 90x90 (d, s 20, 2) and 12x12 "
+                        "default: 2 x --batch items of 256 and 1024 channels at 90x90 (d, s 20, 2) and 16x32 "
                         "(4, 1), then 256 channels at 12-64 (20, 2)")
     p.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's, one per core); 1 avoids the "
                                                "stalls of multi-threaded ops on a core another process holds (see "

@@ -56,7 +56,7 @@ from model import FLOW_CONTEXTS, METHODS, build_model, load_pretrained
 # CPU in minutes; "paper": the papers' settings, see the docstring). Explicit flags always win.
 # ---------------------------------------------------------------------------------------------
 # Quick: the correlation reaches +-4 cells at stride 1 of the stride-8 features (+-32 image pixels,
-# 81 channels; EFC's +-20 cells at stride 2 is +-160 pixels, wider than the whole 96x96 crop), and
+# 81 channels; EFC's +-20 cells at stride 2 is +-160 pixels, wider than a whole 128x256 frame), and
 # pairs are at most 2 frames apart, because the world moves 5-9 px per frame (synthetic.py), 3-5x more
 # than Cityscapes does at this scale: t = 5 would move the background by up to 45 px.
 QUICK = {"backbone": "resnet18", "flow_backbone": "resnet18", "crop": [96, 96], "batch": 4,

@@ -102,8 +102,8 @@ def test_ratio_fields_take_the_ratio_within_each_round():
 def test_default_micro_shapes_are_efcs_then_the_sweep():
     shapes = bench.micro_shapes(batch=2)
     # batch 2B: the flow decoder runs on the pairs in both directions
-    assert shapes[:4] == [(4, 256, 90, 90, 20, 2), (4, 1024, 90, 90, 20, 2), (4, 256, 12, 12, 4, 1),
-                          (4, 1024, 12, 12, 4, 1)]
+    assert shapes[:4] == [(4, 256, 90, 90, 20, 2), (4, 1024, 90, 90, 20, 2), (4, 256, 16, 32, 4, 1),
+                          (4, 1024, 16, 32, 4, 1)]
     assert shapes[4:] == [(4, 256, side, side, 20, 2) for side in bench.SWEEP_MAPS]
     assert bench.parse_args(["--device", "cpu"]).micro_shapes == bench.micro_shapes(2)
     args = bench.parse_args(["--device", "cpu", "--micro-shapes", "4x256x90x90", "2x8x12x12:4:1"])

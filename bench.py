@@ -109,9 +109,12 @@ LOADED = 0.10
 # the world: 16x32 with d = 4, s = 1.
 MICRO_MAPS = {(90, 90): (20, 2), (16, 32): (4, 1)}
 MICRO_CHANNELS = (256, 1024)
-# Map sides between, at 256 channels and d = 20, s = 2, where warp.correlation's all-pairs path
-# stops being the faster (all_pairs_crossover): warp.ALL_PAIRS_MAX_PIXELS is set from them.
+# Map sides between, at SWEEP_CHANNELS and d = 20, s = 2, where warp.correlation's all-pairs path
+# stops being the faster (all_pairs_crossover): warp.ALL_PAIRS_MAX_PIXELS is set from them. The
+# crossover moves with the channels (on the CPU at 90x90: all-pairs 2.4x the tiled time at 256
+# channels, 0.89x at 1024), so it is read at one channel count: ResNet-18's layer3, the quick recipe's.
 SWEEP_MAPS = (12, 24, 32, 45, 64)
+SWEEP_CHANNELS = 256
 # The per-displacement loop runs at shapes of at most this many channels: its time, like the
 # correlation's, is linear in C, and at 1024 x 90 x 90 it takes minutes a call on the CPU.
 REFERENCE_MAX_CHANNELS = 256
@@ -776,9 +779,9 @@ def grid_sample_warp(x, flow):
 
 def micro_shapes(batch):
     """The default --micro-shapes: (B, C, H, W, d, s) for EFC's maps and channels (MICRO_MAPS,
-    MICRO_CHANNELS), then the sweep (SWEEP_MAPS, 256 channels, d = 20, s = 2), B = 2 * batch."""
+    MICRO_CHANNELS), then the sweep (SWEEP_MAPS, SWEEP_CHANNELS, d = 20, s = 2), B = 2 * batch."""
     efc = [(2 * batch, C, H, W, *MICRO_MAPS[H, W]) for H, W in MICRO_MAPS for C in MICRO_CHANNELS]
-    sweep = [(2 * batch, 256, side, side, 20, 2) for side in SWEEP_MAPS]
+    sweep = [(2 * batch, SWEEP_CHANNELS, side, side, 20, 2) for side in SWEEP_MAPS]
     return efc + [shape for shape in sweep if shape not in efc]
 
 
@@ -867,11 +870,13 @@ def micro_rows(args, device):
 
 def all_pairs_crossover(micro):
     """Where warp.correlation's all-pairs path stops being the faster, from the "tiled vs all-pairs"
-    rows at EFC's d = 20, s = 2 (the sweep): the largest map (H * W pixels) at which all-pairs was
+    rows at EFC's d = 20, s = 2 and SWEEP_CHANNELS (the sweep; EFC's maps at other channel counts
+    do not count): the largest map (H * W pixels) at which all-pairs was
     faster (median ratio < 1) and the smallest at which it was not. warp.ALL_PAIRS_MAX_PIXELS agrees
     when it lies between the two (None: no map was slower); `clean` says whether every faster map is smaller than every slower
     one (a noisy run can interleave them). None without such rows."""
-    rows = [r for r in micro if r["op"] == "correlation" and r["b"] == "all-pairs" and (r["d"], r["s"]) == (20, 2)]
+    rows = [r for r in micro if r["op"] == "correlation" and r["b"] == "all-pairs" and (r["d"], r["s"]) == (20, 2)
+            and r["shape"][1] == SWEEP_CHANNELS]
     if not rows:
         return None
     faster = [r["shape"][2] * r["shape"][3] for r in rows if r["b_over_a"] < 1]

@@ -422,8 +422,8 @@ def training_dataset(args):
     # [0.5, 2] and +-10 degrees they were 6 % of the pixels of 96x96 crops of the world (17 % of full
     # frames), and they pulled the learned pan towards zero (docs/learning.md).
     photometric = args.method in ("efc", "flow") and not args.flow_supervised
-    transform = data.JointTransform(crop=args.crop, train=not args.no_augment, pad=not photometric,
-                                    rotate=0.0 if photometric else 10.0)
+    unpadded = dict(pad=False, rotate=0.0) if photometric else {}
+    transform = data.JointTransform(crop=args.crop, train=not args.no_augment, **unpadded)
     root = args.data_root
     pairs, labelled, mode = args.pairs_per_snippet, args.labelled_pairs, pair_mode(args)
     if args.ablation:

@@ -278,11 +278,13 @@ def fb_occlusion(flow_fw, flow_bw, alpha1=0.01, alpha2=0.5):
 
 
 # Maps of at most this many pixels (H * W) take correlation's all-pairs path, larger ones the tiled
-# path. PROVISIONAL, to be measured: 45 * 45 is where issue #18 saw the all-pairs matmul take about
-# 0.6x the tiled time on the 2-core CPU, in timings taken before bench.py interleaved them. Set it from
-# `python bench.py --parts micro` on the machine that trains: its "tiled vs all-pairs" rows give the
-# time ratio at each map size, and its crossover line the largest map at which all-pairs is faster.
-ALL_PAIRS_MAX_PIXELS = 45 * 45
+# path. Measured by `python bench.py --device cpu --threads 1` on the 2-core CPU (forward + backward,
+# 2 x 4 items of 256 channels, d = 20, s = 2; docs/benchmarks.md): all-pairs takes 0.05 / 0.17 / 0.26
+# / 0.42 / 0.84x the tiled time at 12 / 24 / 32 / 45 / 64 pixels square, 2.4x at 90x90 (and 2.9x
+# its memory). The largest map where it was faster is 64x64. At 1024 channels it is 0.89x at 90x90
+# but takes 1.6x the memory: EFC's 90x90 maps stay tiled. The quick recipe's 16x32 maps take
+# all-pairs (0.30-0.38x). On a GPU the crossover is yet to be measured (bench.py --gpu-check).
+ALL_PAIRS_MAX_PIXELS = 64 * 64
 
 
 def correlation(f1, f2, max_displacement=20, stride=2, normalize=True, tile=64, path=None):

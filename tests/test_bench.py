@@ -113,11 +113,14 @@ def test_default_micro_shapes_are_efcs_then_the_sweep():
 
 
 def test_crossover_reads_the_sweep():
-    def row(side, ratio, d=20, s=2):
-        return {"op": "correlation", "b": "all-pairs", "shape": [4, 256, side, side], "d": d, "s": s, "b_over_a": ratio}
+    def row(side, ratio, d=20, s=2, channels=256):
+        return {"op": "correlation", "b": "all-pairs", "shape": [4, channels, side, side], "d": d, "s": s,
+                "b_over_a": ratio}
 
     threshold = warp.ALL_PAIRS_MAX_PIXELS
-    clean = bench.all_pairs_crossover([row(12, 0.2), row(45, 0.6), row(64, 1.3), row(90, 2.5), row(12, 9, 4, 1)])
+    # other d, s (the quick recipe's 4, 1) and other channels (1024: faster at 90x90) are not the sweep
+    clean = bench.all_pairs_crossover([row(12, 0.2), row(45, 0.6), row(64, 1.3), row(90, 2.5), row(12, 9, 4, 1),
+                                       row(90, 0.9, channels=1024)])
     assert clean == {"faster_up_to_pixels": 45 * 45, "slower_from_pixels": 64 * 64, "threshold_pixels": threshold,
                      "clean": True, "agrees": 45 * 45 <= threshold < 64 * 64}
     noisy = bench.all_pairs_crossover([row(12, 0.2), row(32, 1.1), row(45, 0.9)])
@@ -190,7 +193,8 @@ def test_a_tiny_run_of_psp_and_flow2seg_steps(monkeypatch, quick):
 
 
 def test_a_tiny_run_of_the_micro_benchmarks(quick):
-    report = bench.main(TINY + ["--parts", "micro", "--micro-shapes", "2x8x12x12", "2x4x6x6:2:1"])
+    # 256 channels: the crossover reads the sweep's channel count (bench.SWEEP_CHANNELS) only
+    report = bench.main(TINY + ["--parts", "micro", "--micro-shapes", f"2x{bench.SWEEP_CHANNELS}x12x12", "2x4x6x6:2:1"])
     rows = {(r["a"], r["b"], tuple(r["shape"])): r for r in report["micro"]}
     assert len(rows) == 6  # at each shape: tiled vs all-pairs, ours vs the loop, ours vs grid_sample
     for r in report["micro"]:
@@ -198,7 +202,7 @@ def test_a_tiny_run_of_the_micro_benchmarks(quick):
         assert r["b_over_a_spread"][0] <= r["b_over_a"] <= r["b_over_a_spread"][1]
         assert r["max_abs_diff"] < 1e-4  # the two sides computed the same thing
         assert len(r["ms_runs_a"]) == len(r["ms_runs_b"]) == r["runs"] == 1
-    assert rows[("tiled", "all-pairs", (2, 8, 12, 12))]["path"] == "all_pairs"  # 144 pixels <= the threshold
+    assert rows[("tiled", "all-pairs", (2, bench.SWEEP_CHANNELS, 12, 12))]["path"] == "all_pairs"  # 144 pixels <= the threshold
     assert rows[("warp.correlation", "per-displacement loop", (2, 4, 6, 6))]["d"] == 2
     assert report["all_pairs_crossover"]["threshold_pixels"] == warp.ALL_PAIRS_MAX_PIXELS
     goals = {g["goal"]: g for g in report["goals"]}

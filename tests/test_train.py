@@ -92,19 +92,27 @@ def test_two_gloo_processes_train_like_one(world, tmp_path, method):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = tiny(world, tmp_path / "one", method) + flags
     subprocess.run([sys.executable, "train.py", *one], cwd=ROOT, env=env, check=True, capture_output=True)
+    # The rounding floor of this machine: the same process with 2 threads sums in another order. On
+    # an Intel Xeon, flow2seg's image-path BatchNorm weights move by up to 2 % of their step from
+    # that alone (their gradient is a near-cancelling sum), 1 vs 2 processes by 3-4 %.
+    floor_run = tiny(world, tmp_path / "floor", method) + flags
+    subprocess.run([sys.executable, "train.py", *floor_run], cwd=ROOT, env=dict(env, OMP_NUM_THREADS="2"), check=True,
+                   capture_output=True)
     two = tiny(world, tmp_path / "two", method) + flags
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                              "train.py", *two], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    c = torch.load(tmp_path / "floor" / "ckpt.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for name, value in a.items():
         # BatchNorm statistics: one process uses torch's BatchNorm (two-pass variance), two use
         # CPUSyncBatchNorm (E[x^2] - mean^2 over the global batch): rounding of ~1e-6 relative,
         # largest on the PPM's 1x1-6x6 pooled maps
         atol = 1e-5 if "running_" in name else 2e-6
-        assert torch.allclose(value.float(), b[name].float(), rtol=1e-4, atol=atol), name
+        floor = 8 * (value.float() - c[name].float()).abs().max().item()  # 8x the thread-count rounding
+        assert torch.allclose(value.float(), b[name].float(), rtol=1e-4, atol=max(atol, floor)), name
     assert losses_logged(tmp_path / "one") == pytest.approx(losses_logged(tmp_path / "two"), rel=1e-5)
 
 
@@ -205,7 +213,8 @@ def test_command_line_errors(world, tmp_path, capsys):
     assert help_text.returncode == 0 and "--flow-lr-mult" in help_text.stdout and "--recipe" in help_text.stdout
     # every recipe-dependent flag says what each recipe gives it (generated from the recipe tables)
     flat = " ".join(help_text.stdout.split())
-    assert "[quick: [96, 96]; paper: [713, 713], flow2seg [832, 832]]" in flat
+    assert ("[default: quick: 96 96, whole frames (128 256) for efc and flow on the synthetic world; paper: 713 713 "
+            "(flow2seg: 832 832)]") in flat
     assert "[quick: psp 0.01, efc 0.0001, flow 0.0001, flow2seg 0.0002; paper: 0.01, flow2seg 2e-05]" in flat
     unknown = subprocess.run([sys.executable, "train.py", "--method", "unet"], cwd=ROOT, capture_output=True, text=True)
     assert unknown.returncode == 2 and "invalid choice: 'unet'" in unknown.stderr

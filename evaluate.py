@@ -588,21 +588,25 @@ def geometric_median(points, iterations=100):
 def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, submit=None):
     """EPE and Fl of an efc / flow network over pairs with ground truth, with baselines.
 
-    SyntheticSequence items: 'all' = flow_fw_valid, 'noc' = those pixels not occluded (occ_fw).
+    SyntheticSequence items: 'all' = flow_fw_valid, 'noc' = those pixels not occluded (occ_fw),
+    'moving' = the valid pixels of frame a labelled car_moving (datasets whose classes have one: the
+    synthetic world's cars that move on their own; the rest of a frame moves with the camera alone).
     KittiFlow items: 'all' = flow_occ's valid mask, 'noc' = flow_noc's; padded items are cropped
     back to their 'size' first. Items without ground truth (KITTI 'testing') give no metrics.
     max_items pairs are spread over the whole dataset (spread_indices).
     Pictures `flow_NNN.png` (flow_panel) go to `out`; with `submit`, every flow is written as
     submit/flow/<name of frame 10> (KITTI's submission layout). Returns flow_metrics for 'all'
-    and 'noc' plus 'flow_pairs' (pairs with ground truth) and the checks that a constant cannot fool:
+    and 'noc' (and 'moving' where counted) plus 'flow_pairs' (pairs with ground truth) and the checks that a constant cannot fool:
       epe_all_zero     EPE of the zero flow
       epe_all_const    EPE of the best constant flow (geometric_median of the true flows), and
                        const_u, const_v: that flow (a collapsed network can do no better)
       identity_flow    mean |F(a, a)| in pixels: the flow of a frame to itself, 0 for a network
                        that reads its input (a constant bias shows here)
     """
-    counts = {"all": [], "noc": [], "zero": []}
+    counts = {"all": [], "noc": [], "moving": [], "zero": []}
     truths, identity = [], []
+    classes = list(getattr(dataset, "classes", ()))
+    moving_class = classes.index("car_moving") if "car_moving" in classes else None
     indices = spread_indices(len(dataset), max_items)
     picks = _picture_indices(len(indices), pictures)
     for position, index in enumerate(data.progress(indices, len(indices), "flow: pairs")):
@@ -625,6 +629,9 @@ def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, 
         if gt is not None:
             counts["all"].append(flow_error_counts(predicted["flow_ab"], gt, valid))
             counts["noc"].append(flow_error_counts(predicted["flow_ab"], gt, noc))
+            if moving_class is not None and "label_a" in item:
+                moving = valid & (item["label_a"] == moving_class)  # (1, H, W) the cars' own motion
+                counts["moving"].append(flow_error_counts(predicted["flow_ab"], gt, moving))
             counts["zero"].append(flow_error_counts(torch.zeros_like(gt), gt, valid))
             truths.append(gt.permute(0, 2, 3, 1)[valid.bool()].float().cpu())  # (N, 2) true vectors
             same = flow_outputs(model, image_a, image_a)["flow_ab"]  # (1, 2, h, w) F(a, a)
@@ -638,8 +645,9 @@ def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, 
             write_kitti_submission(Path(submit) / "flow" / dataset.items[index][0].name, predicted["flow_ab"][0])
     metrics = {"flow_pairs": len(counts["all"])}
     if counts["all"]:
-        for region in ("all", "noc"):
-            metrics.update(flow_metrics(torch.cat(counts[region]).numpy(), region))
+        for region in ("all", "noc", "moving"):
+            if counts[region]:
+                metrics.update(flow_metrics(torch.cat(counts[region]).numpy(), region))
         metrics["epe_all_zero"] = flow_metrics(torch.cat(counts["zero"]).numpy(), "all")["epe_all"]
         truths = torch.cat(truths)  # (N, 2)
         if len(truths):

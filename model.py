@@ -173,11 +173,19 @@ def backbone_depth(name):
     return depths[name]
 
 
+# Where each method's image backbone sits in its state dict (build_model's networks).
+CHECKPOINT_BACKBONE = {"psp": "backbone.", "flow2seg": "image.backbone.", "efc": "seg.backbone.",
+                       "flow": "seg.backbone."}
+
+
 def load_pretrained(backbone, path):
     """Load an ImageNet ResNet state-dict file from disk into `backbone` (a ResNet); nothing is downloaded.
 
     Accepts a raw state dict or a dict with 'state_dict'; strips a leading 'module.' (DataParallel)
-    and ignores 'fc.*'. Strict on every other key and shape. For in_channels != 3, conv1's filter for
+    and ignores 'fc.*'. A checkpoint of this project's train.py (a dict with 'method', 'config' and
+    'model') gives its image backbone, the ResNet under the segmentation head (replicate.py starts
+    every row from the backbone of a PSPNet trained on the synthetic world, as the papers start from
+    ImageNet's). Strict on every other key and shape. For in_channels != 3, conv1's filter for
     each input channel is the mean of its RGB filters (Flow2Seg 3.1). Returns a one-line report.
     """
     if not os.path.isfile(path):
@@ -188,6 +196,11 @@ def load_pretrained(backbone, path):
         raise ValueError(f"pretrained weights {path}: torch.load cannot read it ({error})") from error
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    elif isinstance(state, dict) and {"method", "config", "model"} <= set(state):
+        prefix = CHECKPOINT_BACKBONE.get(state["method"])
+        if prefix is None:
+            raise ValueError(f"pretrained weights {path}: a train.py checkpoint of unknown method {state['method']!r}")
+        state = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"pretrained weights {path}: expected a state dict (name -> tensor)")
     state = {k.removeprefix("module."): v for k, v in state.items()}

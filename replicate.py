@@ -73,77 +73,111 @@ import train
 import synthetic
 
 # ---------------------------------------------------------------------------------------------
-# Settings shared by every variant. Choices for this scale, each for all rows alike:
-#  - ResNet-18 backbones, 96x96 crops, batch 4: a 2-core CPU budget (train.py's quick recipe).
-#  - Adam, lr 2e-4, poly decay, the flow decoder at the same lr (--flow-lr-mult 1): EFC's SGD at 0.01
-#    (x0.1 for the flow decoder) left the flow at the zero-flow EPE after 200 iterations on this
-#    world (docs/learning.md); Adam at 2e-4 is train.py's quick Flow2Seg setting.
-#  - Correlation range 4 at stride 1 on the stride-8 features (+-32 image pixels): the world's
-#    motion between frames up to max-gap 5 apart stays within about 28 pixels, so EFC's +-160 pixels
-#    (20 at stride 2) would be 441 channels of nothing at a 96-pixel crop.
+# Settings shared by every variant: the budget at which the mechanisms showed in the learning runs
+# (docs/learning.md), the same for every row unless the row's own settings (VARIANTS) say otherwise.
+#  - The start: every row's image backbone is that of a PSPNet trained on the world first (the
+#    "world" row, 200 iterations: train.py's world_encoder run), given as --pretrained, so only the
+#    backbone carries over, as with the papers' ImageNet start; heads and decoders start from scratch.
+#    From a random encoder the correlation cannot match frames (docs/learning.md) and no flow learns.
+#  - 400 iterations, of which the unsupervised flow's warm-up takes 200: UL + OE reached 0.59x the
+#    zero flow's EPE at 200 and 0.47x at 400 (docs/learning.md); fewer would test nothing.
+#  - Whole 128x256 frames, batch 4: on 96x96 crops the encoder's zero padding shrinks the pan that
+#    the correlation sees (slope 0.47 against 0.77, docs/learning.md). efc / flow never pad
+#    (train.py); the psp rows keep train.py's padded scale and rotation augmentation.
+#  - Adam at 1e-4 with poly decay for every row (EFC's quick recipe; EFC's SGD at 0.01 left the flow
+#    decoder unable to read its cost volume, docs/learning.md); the flow decoder at the same lr.
+#  - lambda_cons 0.01 (train.py's QUICK comment: at the paper's 10 L_cons swamps L_seg on this scale).
+#  - Correlation range 4 at stride 1 on the stride-8 features (+-32 image pixels) and pairs up to 2
+#    frames apart: the world moves 5-9 px per frame (train.py's QUICK comment).
+#  - The Flow2Seg rows train on 96x96 crops at 2e-4 (train.py's Flow2Seg quick recipe): their flow is
+#    an input, not a correlation, so the crop's padding does not shrink it, and whole frames would
+#    cost 3.6x on the six flow-path rows; 2e-4 because the flow path starts from scratch.
 # ---------------------------------------------------------------------------------------------
 # eval_window [16, 22]: the pairs (I_i, I_i+1), i = 16..21 (0-based), whose second frames 17..22
 # surround the labelled frame I_19 (the 20th); eval_snippets None: every validation snippet (10 in
 # the default world: 60 pairs). QUICK keeps everything but the iterations and evaluates 2 snippets.
-SETTINGS = {"backbone": "resnet18", "flow_backbone": "resnet18", "crop": [96, 96], "batch": 4,
-            "iterations": 200, "optimizer": "adam", "lr": 2e-4, "flow_lr_mult": 1.0, "max_displacement": 4,
-            "corr_stride": 1, "workers": 1, "eval_window": [16, 22], "eval_snippets": None}
-QUICK = {**SETTINGS, "iterations": 20, "eval_snippets": 2}
+# world_iterations: the "world" row's (train.WORLD_INIT_ITERATIONS in the default settings).
+SETTINGS = {"backbone": "resnet18", "flow_backbone": "resnet18", "crop": [128, 256], "batch": 4,
+            "iterations": 400, "flow_warmup": 200, "world_iterations": 200, "optimizer": "adam", "lr": 1e-4,
+            "flow_lr_mult": 1.0, "cons_weight": 0.01, "max_displacement": 4, "corr_stride": 1, "max_gap": 2,
+            "workers": 1, "eval_window": [16, 22], "eval_snippets": None}
+QUICK = {**SETTINGS, "iterations": 20, "flow_warmup": 10, "world_iterations": 10, "eval_snippets": 2}
 
 # Variants: name -> train.py method, its extra flags, the runs of the same seed it builds on, and the
-# settings it changes (only the rows that are about a setting). The runs it builds on are a dict
-# {train.py flag: variant}: the flag gets that variant's checkpoint (needed_variants runs it first).
-# Table 2's "UL" and "UL + OE" train the flow alone (--method flow: no segmentation, so no L_seg and
-# no L_cons); every row with "TC" needs the segmentation branch, hence --method efc. TCC_fix builds on
-# UL + OE, the flow network trained without segmentation, as EFC's "fixed pre-trained FlowNetS" was.
+# settings it changes. The runs it builds on are a dict {train.py flag: variant}: the flag gets that
+# variant's checkpoint (needed_variants runs it first). Table 2's "UL" and "UL + OE" train the flow
+# alone (--method flow: no segmentation, so no L_seg and no L_cons; the encoder stays the world's);
+# every row with "TC" needs the segmentation branch, hence --method efc. TCC_fix builds on UL + OE,
+# the flow network trained without segmentation, as EFC's "fixed pre-trained FlowNetS" was.
+WORLD = {"--pretrained": "world"}  # every row's image backbone: the world-trained PSPNet's
+FLOW2SEG = {"crop": [96, 96], "lr": 2e-4}  # the Flow2Seg rows' own settings (see SETTINGS' comment)
 VARIANTS = {
-    "psp": ("psp", [], {}, {}),
-    "tcc-fix": ("efc", ["--ablation", "tcc-fix"], {"--flow-init": "ul-oe"}, {}),  # the UL + OE flow network, fixed
-    "tcc-single": ("efc", ["--ablation", "tcc-single"], {}, {}),
-    "tcc-single-om": ("efc", ["--ablation", "tcc-single-om"], {}, {}),
-    "tcc-multi-om": ("efc", ["--ablation", "tcc-multi-om"], {}, {}),
-    "full": ("efc", ["--ablation", "full"], {}, {}),
-    "ul": ("flow", ["--ablation", "ul"], {}, {}),
-    "ul-oe": ("flow", ["--ablation", "ul-oe"], {}, {}),
-    "ul-tc": ("efc", ["--ablation", "ul-tc"], {}, {}),
-    "ul-oe-tc": ("efc", ["--ablation", "ul-oe-tc"], {}, {}),
+    # The start of every row (not a table row): train.py's world_encoder run, a PSPNet from scratch with
+    # train.py's quick psp recipe (SGD 0.01, 96x96 crops), world_iterations long.
+    "world": ("psp", ["--no-world-init"], {}, {"crop": [96, 96], "optimizer": "sgd", "lr": 0.01}),
+    "psp": ("psp", [], WORLD, {}),
+    "tcc-fix": ("efc", ["--ablation", "tcc-fix"], {**WORLD, "--flow-init": "ul-oe"}, {}),  # UL + OE's network, fixed
+    "tcc-single": ("efc", ["--ablation", "tcc-single"], WORLD, {}),
+    "tcc-single-om": ("efc", ["--ablation", "tcc-single-om"], WORLD, {}),
+    "tcc-multi-om": ("efc", ["--ablation", "tcc-multi-om"], WORLD, {}),
+    "full": ("efc", ["--ablation", "full"], WORLD, {}),
+    # A control that is in neither paper: the full EFC with lambda_cons = 0, so that L_seg, the flow
+    # losses and the shared encoder stay and only the temporal consistency term goes.
+    "full-nocons": ("efc", ["--ablation", "full"], WORLD, {"cons_weight": 0.0}),
+    "ul": ("flow", ["--ablation", "ul"], WORLD, {}),
+    "ul-oe": ("flow", ["--ablation", "ul-oe"], WORLD, {}),
+    "ul-tc": ("efc", ["--ablation", "ul-tc"], WORLD, {}),
+    "ul-oe-tc": ("efc", ["--ablation", "ul-oe-tc"], WORLD, {}),
     # Flow2Seg Table 2: the flow path alone, trained alone on the ground-truth flow (L_Flow2Seg only;
     # the image path and the fusion stay frozen at their initialisation and the table does not read them).
-    "flowpath-r18": ("flow2seg", ["--flow2seg-stage", "flow-path"], {}, {}),
-    "flowpath-r50": ("flow2seg", ["--flow2seg-stage", "flow-path"], {}, {"flow_backbone": "resnet50"}),
-    "flowpath-r101": ("flow2seg", ["--flow2seg-stage", "flow-path"], {}, {"flow_backbone": "resnet101"}),
-    "flowpath-aspp": ("flow2seg", ["--flow2seg-stage", "flow-path", "--flow-context", "aspp"], {}, {}),
-    "flowpath-denseaspp": ("flow2seg", ["--flow2seg-stage", "flow-path", "--flow-context", "denseaspp"], {}, {}),
-    "flowpath-psp": ("flow2seg", ["--flow2seg-stage", "flow-path", "--flow-context", "psp"], {}, {}),
+    "flowpath-r18": ("flow2seg", ["--flow2seg-stage", "flow-path"], WORLD, FLOW2SEG),
+    "flowpath-r50": ("flow2seg", ["--flow2seg-stage", "flow-path"], WORLD, {**FLOW2SEG, "flow_backbone": "resnet50"}),
+    "flowpath-r101": ("flow2seg", ["--flow2seg-stage", "flow-path"], WORLD,
+                      {**FLOW2SEG, "flow_backbone": "resnet101"}),
+    "flowpath-aspp": ("flow2seg", ["--flow2seg-stage", "flow-path", "--flow-context", "aspp"], WORLD, FLOW2SEG),
+    "flowpath-denseaspp": ("flow2seg", ["--flow2seg-stage", "flow-path", "--flow-context", "denseaspp"], WORLD,
+                           FLOW2SEG),
+    "flowpath-psp": ("flow2seg", ["--flow2seg-stage", "flow-path", "--flow-context", "psp"], WORLD, FLOW2SEG),
     # Flow2Seg Table 3: the image-only FCN (the PSPNet without its pyramid), the PSPNet ("psp" above), and
     # Flow2Seg started from that PSPNet (4.3), on the ground-truth flow and on the full EFC run's flow.
-    "image-fcn": ("psp", ["--context", "fcn"], {}, {}),
-    "flow2seg-gt": ("flow2seg", [], {"--init": "psp"}, {}),
-    "flow2seg-efc": ("flow2seg", [], {"--init": "psp", "--flow-from": "full"}, {}),
+    "image-fcn": ("psp", ["--context", "fcn"], WORLD, {}),
+    "flow2seg-gt": ("flow2seg", [], {"--init": "psp"}, FLOW2SEG),
+    "flow2seg-efc": ("flow2seg", [], {"--init": "psp", "--flow-from": "full"}, FLOW2SEG),
 }
+# Reference rows of Table 2: no training, one evaluation of a fixed flow (reference_flow_metrics).
+REFERENCES = ("zero", "const")
+CARS = ("car_moving", "car_parked")  # the look-alike classes: the same sprites, told apart by motion alone
 
 # Tables: rows (variant, label, the paper's numbers) and columns (metric key, header, format).
 # Paper numbers: EFC Table 1 (Cityscapes val mIoU %, PSPNet-R50), EFC Table 2 (KITTI 2015 EPE),
 # Flow2Seg Table 2 (flow path alone, FlowNet2 flow) and Table 3 (Cityscapes val mIoU %, ResNet-101 image path).
-# Column formats: "pct" a fraction shown x100, "px" pixels (format_value). The "zero" row of Table 2 is
-# no variant: no training, one evaluation (zero_flow_metrics). Labels may name {backbone} and
-# {flow_backbone}: row_label fills in the backbones the row really trains (ResNet18 in the quick
+# Column formats: "pct" a fraction shown x100, "px" pixels (format_value). Labels may name {backbone}
+# and {flow_backbone}: row_label fills in the backbones the row really trains (ResNet18 in these
 # settings, where the paper's Table 3 has ResNet101); the paper column keeps the paper's rows.
+# "cars merged": car_moving and car_parked counted as one class (evaluate.py), the segmentation without
+# the part that needs motion; the split columns are the part that does.
+SEGMENTATION = [("miou", "mIoU %", "pct"), ("miou_cars_merged", "mIoU cars merged %", "pct"),
+                ("iou_car_moving", "IoU car_moving %", "pct"), ("iou_car_parked", "IoU car_parked %", "pct"),
+                ("iou_car_merged", "IoU car merged %", "pct")]
 TABLES = {
     "efc-table1": {
         "title": "EFC Table 1: segmentation",
         "rows": [("psp", "PSPNet", "76.20"), ("tcc-fix", "+ TCC_fix", "77.02"),
                  ("tcc-single", "+ TCC_single", "77.58"), ("tcc-single-om", "+ TCC_single + OM", "77.79"),
-                 ("tcc-multi-om", "+ TCC_multi + OM", "78.07"), ("full", "+ TCC_multi + OM + UD (EFC)", "78.44")],
-        "columns": [("miou", "mIoU %", "pct"), ("temporal_consistency", "TC %", "pct")],
+                 ("tcc-multi-om", "+ TCC_multi + OM", "78.07"), ("full", "+ TCC_multi + OM + UD (EFC)", "78.44"),
+                 ("full-nocons", "EFC without L_cons (lambda_cons 0; a control)", "-")],
+        "columns": SEGMENTATION + [("temporal_consistency", "TC %", "pct")],
         "paper": "mIoU % (Cityscapes val, R50)",
     },
     "efc-table2": {
         "title": "EFC Table 2: optical flow",
-        "rows": [("zero", "zero flow (reference)", "-"), ("ul", "UL", "11.03 / 7.53"),
-                 ("ul-oe", "UL + OE", "8.72 / 7.23"), ("ul-tc", "UL + TC", "8.84 / 4.94"),
-                 ("ul-oe-tc", "UL + OE + TC", "7.79 / 4.51"), ("full", "EFC full", "7.05 / 3.93")],
-        "columns": [("epe_all", "EPE all", "px"), ("epe_noc", "EPE noc", "px"), ("fl_all", "Fl all %", "pct")],
+        "rows": [("zero", "zero flow (reference)", "-"),
+                 ("const", "best constant flow (reference: the geometric median of the true flows)", "-"),
+                 ("ul", "UL", "11.03 / 7.53"), ("ul-oe", "UL + OE", "8.72 / 7.23"), ("ul-tc", "UL + TC", "8.84 / 4.94"),
+                 ("ul-oe-tc", "UL + OE + TC", "7.79 / 4.51"), ("full", "EFC full", "7.05 / 3.93"),
+                 ("full-nocons", "EFC full without L_cons (a control)", "-")],
+        "columns": [("epe_all", "EPE all", "px"), ("epe_noc", "EPE noc", "px"),
+                    ("epe_moving", "EPE car_moving", "px"), ("fl_all", "Fl all %", "pct")],
         "paper": "EPE all / noc (KITTI 2015)",
     },
     "flow2seg-table2": {
@@ -152,10 +186,10 @@ TABLES = {
                  ("flowpath-r101", "{flow_backbone}-FCN", "35.4"), ("flowpath-aspp", "{flow_backbone} + ASPP", "39.4"),
                  ("flowpath-denseaspp", "{flow_backbone} + DenseASPP", "39.3"),
                  ("flowpath-psp", "{flow_backbone} + PSP", "38.2")],
-        # A flow-path-stage checkpoint is a flow2seg one: its fused 'miou' is there but means nothing
-        "columns": [("miou_flow_path", "flow path mIoU %", "pct"),
-                    ("iou_flow_path_car_moving", "flow path IoU car_moving %", "pct"),
-                    ("iou_flow_path_car_parked", "flow path IoU car_parked %", "pct")],
+        # A flow-path-stage checkpoint is a flow2seg one: its fused 'miou' is there but means nothing.
+        # Every class's IoU: what motion alone tells apart (the static classes share the camera's motion).
+        "columns": [("miou_flow_path", "flow path mIoU %", "pct")]
+                   + [(f"iou_flow_path_{name}", name, "pct") for name in data.SYNTH_CLASSES],
         "paper": "flow path mIoU % (Cityscapes val, FlowNet2 flow)",
     },
     "flow2seg-table3": {
@@ -165,8 +199,9 @@ TABLES = {
                  ("flow2seg-gt", "+ Flow2Seg from that PSPNet, ground-truth flow", "-"),
                  ("flow2seg-efc", "+ Flow2Seg from that PSPNet, flow of the full EFC",
                   "79.7 (R101 + PSP + Flow2Seg, FlowNet2 flow)")],
-        "columns": [("miou", "mIoU %", "pct"), ("iou_car_moving", "IoU car_moving %", "pct"),
-                    ("iou_car_parked", "IoU car_parked %", "pct"), ("miou_flow_path", "flow path alone mIoU %", "pct")],
+        "columns": SEGMENTATION + [("miou_flow_path", "flow path alone mIoU %", "pct"),
+                                   ("iou_flow_path_car_moving", "flow path car_moving %", "pct"),
+                                   ("iou_flow_path_car_parked", "flow path car_parked %", "pct")],
         "paper": "mIoU % (Cityscapes val)",
     },
 }
@@ -178,7 +213,7 @@ def needed_variants(tables):
     order = []
 
     def add(name):
-        if name == "zero" or name in order:
+        if name in REFERENCES or name in order:
             return
         for dependency in VARIANTS[name][2].values():
             add(dependency)
@@ -187,6 +222,28 @@ def needed_variants(tables):
     for table in tables:
         for name, _, _ in TABLES[table]["rows"]:
             add(name)
+    return order
+
+
+# The order the variants of a seed train in: the start, then the rows the papers' claims rest on and
+# the cheap ones, so that a run cut short (on 2 CPU cores `all` takes hours per seed) has them first.
+RUN_ORDER = ["world", "psp", "ul-oe", "ul", "flowpath-r18", "flow2seg-gt", "full", "full-nocons", "image-fcn",
+             "tcc-single", "tcc-single-om", "tcc-multi-om", "tcc-fix", "ul-tc", "ul-oe-tc", "flow2seg-efc",
+             "flowpath-aspp", "flowpath-denseaspp", "flowpath-psp", "flowpath-r50", "flowpath-r101"]
+
+
+def run_order(names):
+    """`names` and the runs they build on, each once, dependencies first, otherwise in RUN_ORDER."""
+    order = []
+
+    def add(name):
+        if name not in order:
+            for dependency in VARIANTS[name][2].values():
+                add(dependency)
+            order.append(name)
+
+    for name in sorted(set(names), key=RUN_ORDER.index):
+        add(name)
     return order
 
 
@@ -279,48 +336,78 @@ def evaluate_run(checkpoint, sequence, device, flow_dir=None):
     return metrics
 
 
-def zero_flow_metrics(sequence):
-    """EPE / Fl of the zero flow on the EvalPairs `sequence`: what a flow network must beat."""
-    count = len(sequence)
-    counts = {"all": [], "noc": []}
-    for index in range(count):
-        item = sequence[index]
-        # (1, 2, H, W) and (1, H, W): the regions of evaluate_flow, all = valid, noc = valid & ~occluded
-        gt, valid, occ = item["flow_fw"][None], item["flow_fw_valid"][None], item["occ_fw"][None]
-        counts["all"].append(evaluate.flow_error_counts(torch.zeros_like(gt), gt, valid))
-        counts["noc"].append(evaluate.flow_error_counts(torch.zeros_like(gt), gt, valid & ~occ))
-    metrics = {"pairs": count}
-    for region in ("all", "noc"):  # EPE pooled over every counted pixel, as the network rows' epe_all
-        metrics.update(evaluate.flow_metrics(torch.cat(counts[region]).numpy(), region))
-    return metrics
+def reference_flow_metrics(sequence):
+    """EPE / Fl of the two flows that need no training, on the EvalPairs `sequence`: what a flow
+    network must beat. In evaluate_flow's regions: all = flow_fw_valid, noc = those pixels not
+    occluded (occ_fw), moving = those labelled car_moving in frame a (the cars' own motion; the rest
+    of a frame moves with the camera alone).
+      zero   no motion;
+      const  the best constant flow under EPE all: the geometric median of every counted true vector
+             of these pairs (evaluate.geometric_median), what a network that ignores its input can
+             reach at best (a collapsed flow decoder lands here); const_u / const_v give it, in px.
+    -> {"zero": metrics, "const": metrics}, each with 'pairs' and epe_/fl_ of the three regions."""
+    items = [sequence[k] for k in range(len(sequence))]
+    moving_class = list(sequence.classes).index("car_moving")
+    # (N, 2) every counted true vector of every pair, u first
+    truths = torch.cat([item["flow_fw"].permute(1, 2, 0)[item["flow_fw_valid"]] for item in items])
+    const = evaluate.geometric_median(truths).float()  # (2,) px
+    references = {}
+    for name, vector in (("zero", torch.zeros(2)), ("const", const)):
+        counts = {"all": [], "noc": [], "moving": []}
+        for item in items:
+            # (1, 2, H, W) and (1, H, W) masks
+            gt, valid, occ = item["flow_fw"][None], item["flow_fw_valid"][None], item["occ_fw"][None]
+            flow = vector.view(1, 2, 1, 1).expand_as(gt)  # the same vector at every pixel
+            regions = {"all": valid, "noc": valid & ~occ, "moving": valid & (item["label_a"][None] == moving_class)}
+            for region, mask in regions.items():
+                counts[region].append(evaluate.flow_error_counts(flow, gt, mask))
+        metrics = {"pairs": len(items)}
+        for region, rows in counts.items():  # EPE pooled over every counted pixel, as the network rows'
+            metrics.update(evaluate.flow_metrics(torch.cat(rows).numpy(), region))
+        references[name] = metrics
+    references["const"].update(const_u=float(const[0]), const_v=float(const[1]))
+    return references
 
 
 # ---------------------------------------------------------------------------------------------
 # Running the variants
 # ---------------------------------------------------------------------------------------------
+def variant_settings(name, settings):
+    """The settings a variant trains with: the shared ones, its own changes on top (VARIANTS), and for
+    the "world" row the shared world_iterations."""
+    own = {**settings, **VARIANTS[name][3]}
+    if name == "world":
+        own["iterations"] = settings["world_iterations"]
+    return own
+
+
 def train_command(name, seed, settings, run_dir, runs_root, data_root, device):
     """The train.py argument list of one variant and seed."""
-    method, extra, dependencies, own = VARIANTS[name]
-    settings = {**settings, **own}  # the row's own change (Table 2's flow backbones) wins
+    method, extra, dependencies, _ = VARIANTS[name]
+    settings = variant_settings(name, settings)  # the row's own changes win
     args = ["--method", method, "--data-root", str(data_root), "--seed", str(seed), "--out", str(run_dir),
             "--backbone", settings["backbone"], "--flow-backbone", settings["flow_backbone"],
             "--crop", *map(str, settings["crop"]), "--batch", str(settings["batch"]),
             "--iterations", str(settings["iterations"]), "--optimizer", settings["optimizer"],
             "--lr", str(settings["lr"]), "--flow-lr-mult", str(settings["flow_lr_mult"]),
             "--max-displacement", str(settings["max_displacement"]), "--corr-stride", str(settings["corr_stride"]),
-            "--workers", str(settings["workers"]),
+            "--max-gap", str(settings["max_gap"]), "--workers", str(settings["workers"]),
             # train.py's own validation only at the end and on a few items: this script evaluates.
-            # A checkpoint every 50 iterations at the default 200 (an interrupted run loses at most 50);
-            # train.py also writes one at the last iteration, so --quick's 20 get that one only.
+            # A checkpoint every quarter of the run (an interrupted run loses at most that);
+            # train.py also writes one at the last iteration.
             "--val-every", "0", "--val-items", "5", "--ckpt-every", str(max(50, settings["iterations"] // 4)),
-            "--log-every", str(max(1, settings["iterations"] // 20)),
-            # every row from scratch at the same budget, pairs up to 5 frames apart, as before the
-            # quick recipe started efc / flow / flow2seg from a world-trained PSPNet (train.world_encoder)
-            "--no-world-init", "--max-gap", "5"]
+            "--log-every", str(max(1, settings["iterations"] // 20))]
+    # The warm-up belongs to the rows whose unsupervised flow trains (train.py refuses it elsewhere);
+    # lambda_cons to EFC's rows.
+    if method in ("efc", "flow") and name != "tcc-fix":
+        args += ["--flow-warmup", str(settings["flow_warmup"])]
+    if method == "efc":
+        args += ["--cons-weight", str(settings["cons_weight"])]
     if device:
         args += ["--device", device]
-    # TCC_fix's --flow-init (its fixed flow network), Flow2Seg's --init (the PSPNet of its image path)
-    # and --flow-from (the network that computes its input flows): each the checkpoint of that run.
+    # The world-trained backbone (--pretrained), TCC_fix's --flow-init (its fixed flow network), Flow2Seg's
+    # --init (the PSPNet of its image path) and --flow-from (the network that computes its input flows):
+    # each the checkpoint of that run.
     for flag, dependency in dependencies.items():
         args += [flag, str(Path(runs_root) / dependency / f"seed{seed}" / "ckpt.pt")]
     return args + extra
@@ -400,7 +487,7 @@ def run_variant(name, seed, settings, paths, device, log, use_cache=True):
     metrics = evaluate_run(checkpoint, sequence, torch.device(device or "cpu"), flow_dir)
     # settings: the shared SETTINGS, the cache key; variant_settings: what this row really trained with.
     result = {"variant": name, "seed": seed, "settings": settings,
-              "variant_settings": {**settings, **VARIANTS[name][3]}, "command": command, "resumed": resumed,
+              "variant_settings": variant_settings(name, settings), "command": command, "resumed": resumed,
               "code_version": code_version(), "metrics": evaluate.json_safe(metrics),
               "train_seconds": train_seconds, "eval_seconds": time.time() - t1}
     write_json(result_path, result)
@@ -442,35 +529,65 @@ def row_label(label, settings):
     return label.format(**names)
 
 
-def table_report(table, results, zero, settings, seeds):
-    """The JSON report and the markdown table of one table from the per-run results."""
+# Settings named in a table's note (key, how it reads), in this order; the rest are in the JSON.
+NOTE_SETTINGS = [("iterations", "{} iterations"), ("flow_warmup", "{} of them the flow warm-up"), ("batch", "batch {}"),
+                 ("crop", "crop {0[0]}x{0[1]}"), ("backbone", "{}"), ("optimizer", "{}"), ("lr", "lr {}"),
+                 ("cons_weight", "lambda_cons {}")]
+
+
+def table_note(table, settings, seeds, pairs):
+    """The sentence above a table: the seeds, the settings its rows train with (a value that only some
+    rows change is given with those rows' labels), the start every row shares and the evaluated pairs."""
+    spec = TABLES[table]
+    rows = [(name, label) for name, label, _ in spec["rows"] if name not in REFERENCES]
+    methods = {VARIANTS[name][0] for name, _ in rows}
+    parts = []
+    for key, text in NOTE_SETTINGS:
+        if key == "flow_warmup" and not methods & {"efc", "flow"} or key == "cons_weight" and "efc" not in methods:
+            continue  # the warm-up trains efc / flow only; lambda_cons is EFC's
+        values = [variant_settings(name, settings)[key] for name, _ in rows]
+        common = max(values, key=values.count)  # the value most rows train with
+        others = [f"{row_label(label, variant_settings(name, settings))}: {text.format(value)}"
+                  for (name, label), value in zip(rows, values) if value != common]
+        parts.append(text.format(common) + (f" ({'; '.join(others)})" if others else ""))
+    n = len(seeds)
+    return (f"{spec['title']}. Mean ± sample std over {n} seed{'s' if n > 1 else ''} ({', '.join(map(str, seeds))}); "
+            f"{', '.join(parts)}; every row's backbone from a PSPNet trained {settings['world_iterations']} "
+            f"iterations on the world; {pairs} validation pairs.")
+
+
+def table_report(table, results, references, settings, seeds):
+    """The JSON report and the markdown table of one table from the per-run results, {(variant, seed):
+    result}, and the reference_flow_metrics. A row has the seeds that results holds for it: a cell
+    over fewer than `seeds` shows (n=...), a row with none is marked not run yet."""
     spec = TABLES[table]
     rows = []
     for name, template, paper in spec["rows"]:
-        label = row_label(template, {**settings, **({} if name == "zero" else VARIANTS[name][3])})
-        # The zero flow does not depend on the seed: one evaluation, no spread.
-        per_seed = {"any": zero} if name == "zero" else {seed: results[(name, seed)]["metrics"] for seed in seeds}
+        reference = name in REFERENCES
+        label = row_label(template, settings if reference else variant_settings(name, settings))
+        # A reference flow does not depend on the seed: one evaluation, no spread.
+        per_seed = {"any": references[name]} if reference else \
+            {seed: results[(name, seed)]["metrics"] for seed in seeds if (name, seed) in results}
         stats = {}
         for key, _, _ in spec["columns"]:
             mean, std, n = summarise([m.get(key) for m in per_seed.values()])
             stats[key] = {"mean": mean, "std": std, "n": n}
-        # "command": seed 0's; the other seeds' differ only in --seed and --out.
+        first = next((results[(name, seed)] for seed in seeds if (name, seed) in results), None)
+        # "command": the first seed's; the other seeds' differ only in --seed and --out.
         rows.append({"variant": name, "label": label, "paper": paper, "per_seed": per_seed, "stats": stats,
-                     "settings_changed": {} if name == "zero" else VARIANTS[name][3],
-                     "command": None if name == "zero" else results[(name, seeds[0])]["command"]})
+                     "seeds": [] if reference else sorted(per_seed),
+                     "settings_changed": {} if reference else VARIANTS[name][3],
+                     "command": None if reference or first is None else first["command"]})
     header = ["variant"] + [h for _, h, _ in spec["columns"]] + [f"paper: {spec['paper']}"]
     lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(spec["columns"]) + " ---: |"]
     for row in rows:
-        count = len(row["per_seed"])  # seeds of the row (1 for the zero flow): a cell with fewer shows (n=...)
+        reference = row["variant"] in REFERENCES
+        count = 1 if reference else len(seeds)  # a cell over fewer values shows (n=...)
         cells = [format_value(row["stats"][k]["mean"], row["stats"][k]["std"], kind, row["stats"][k]["n"], count)
                  for k, _, kind in spec["columns"]]
-        lines.append("| " + " | ".join([row["label"]] + cells + [row["paper"]]) + " |")
-    n = len(seeds)
-    note = (f"{spec['title']}. Mean ± sample std over {n} seed{'s' if n > 1 else ''} ({', '.join(map(str, seeds))}); "
-            f"{settings['iterations']} iterations, batch {settings['batch']}, crop {settings['crop'][0]}x"
-            f"{settings['crop'][1]}, {settings['backbone']}, {settings['optimizer']} lr {settings['lr']}; "
-            f"{zero['pairs']} validation pairs.")
-    markdown = note + "\n\n" + "\n".join(lines) + "\n"
+        label = row["label"] + ("" if reference or row["per_seed"] else " (not run yet)")
+        lines.append("| " + " | ".join([label] + cells + [row["paper"]]) + " |")
+    markdown = table_note(table, settings, seeds, references["zero"]["pairs"]) + "\n\n" + "\n".join(lines) + "\n"
     report = {"table": table, "title": spec["title"], "settings": settings, "seeds": list(seeds), "rows": rows,
               "markdown": markdown}
     return report, markdown
@@ -514,6 +631,12 @@ def parse_args(argv=None):
     p.add_argument("--runs", help="run folders (default: runs/replicate, runs/replicate-quick, or "
                                    "runs/replicate-custom-HASH, as --results)")
     p.add_argument("--device", help="cpu or cuda (train.py's default: cuda if available); part of the cache key")
+    p.add_argument("--only", metavar="VARIANTS", type=lambda text: text.split(","),
+                   help="train only these variants (comma-separated names of VARIANTS) and the runs they build "
+                        "on; the tables take the other rows from the cache where it has them")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write the tables from the cached results (a row without them is marked "
+                        "not run yet, a cell over fewer seeds shows n)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep every run's checkpoint (default: deleted once all rows of a seed are done; a row "
                         "built on a deleted one trains that run again)")
@@ -521,6 +644,11 @@ def parse_args(argv=None):
                    help="put the tables into this file between its replicate markers (default file "
                         "docs/replication.md)")
     args = data.one_line_errors(p).parse_args(argv)
+    unknown = [name for name in args.only or [] if name not in VARIANTS]
+    if unknown:
+        p.error(f"--only {','.join(unknown)}: not a variant (expected some of {', '.join(RUN_ORDER)})")
+    if args.only and args.report:
+        p.error("--only trains, --report trains nothing: give one of them")
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds}: need at least 1")
     for flag in ("iterations", "eval_snippets"):
@@ -546,7 +674,8 @@ def main(argv=None):
         print(f"writing the synthetic world to {paths['data']} ...", flush=True)
         synthetic.make_synthetic_world(paths["data"])
     seeds = list(range(args.seeds))
-    order = needed_variants(tables)
+    needed = needed_variants(tables)  # every row of the tables and the runs they build on
+    order = [] if args.report else run_order(args.only or needed)  # what this invocation may train
     log_file = paths["results"] / "replicate.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
 
@@ -556,12 +685,13 @@ def main(argv=None):
         with open(log_file, "a") as f:
             f.write(line + "\n")
 
-    log(f"replicate {args.table}: variants {', '.join(order)}; seeds {seeds}; settings {settings}")
+    log(f"replicate {args.table}: variants {', '.join(order) or 'none (--report)'}; seeds {seeds}; "
+        f"settings {settings}")
     results, t0 = {}, time.time()
     # Seed by seed, so that an interrupted run has whole tables for the first seeds.
     for seed in seeds:
         trained = set()  # variants trained now: the rows built on them are not taken from the cache
-        for name in order:  # dependencies come first (needed_variants)
+        for name in order:  # dependencies come first (run_order)
             dependencies = list(VARIANTS[name][2].values())
             use_cache = not trained.intersection(dependencies)  # a row built on a run trained in this pass: not cached
             # A row not taken from the cache needs its dependencies' checkpoints, which an earlier, completed
@@ -577,14 +707,21 @@ def main(argv=None):
             results[(name, seed)], now = run_variant(name, seed, settings, paths, args.device, log, use_cache)
             if now:
                 trained.add(name)
-        if not args.keep_checkpoints:  # every row of this seed is done
-            for name in order:
+        # The rows this invocation did not train: from the cache, where it has them.
+        for name in needed:
+            if (name, seed) not in results:
+                cached = cached_result(name, seed, settings, paths, args.device)
+                if cached is not None:
+                    results[(name, seed)] = cached
+        # Every row of this seed done: its checkpoints are no longer needed (a later row would train them again).
+        if not args.keep_checkpoints and all((name, seed) in results for name in needed):
+            for name in needed:
                 for file in ("ckpt.pt", "best.pt"):
                     (paths["runs"] / name / f"seed{seed}" / file).unlink(missing_ok=True)
-    # The zero flow needs no training and no seed: evaluated once, after the runs.
-    zero = zero_flow_metrics(EvalPairs(paths["data"], settings["eval_window"], settings["eval_snippets"]))
+    # The reference flows need no training and no seed: evaluated once, after the runs.
+    references = reference_flow_metrics(EvalPairs(paths["data"], settings["eval_window"], settings["eval_snippets"]))
     for table in tables:
-        report, markdown = table_report(table, results, zero, settings, seeds)
+        report, markdown = table_report(table, results, references, settings, seeds)
         write_json(paths["results"] / f"{table}.json", evaluate.json_safe(report))  # NaN -> null
         (paths["results"] / f"{table}.md").write_text(markdown)
         if args.readme:

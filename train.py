@@ -161,7 +161,8 @@ def parse_args(argv=None):
                    help="Flow2Seg's flow-path context module (Table 2): fcn = none (the paper's choice), aspp "
                         "(DeepLabv3), denseaspp, psp (pyramid pooling)")
     g.add_argument("--pretrained", metavar="FILE", help="ImageNet ResNet state dict (torchvision names) for the "
-                                                        "image backbone; for flow2seg also --pretrained-flow")
+                                                        "image backbone, or a train.py checkpoint (its image "
+                                                        "backbone only); for flow2seg also --pretrained-flow")
     g.add_argument("--pretrained-flow", metavar="FILE", help="ImageNet ResNet file for Flow2Seg's flow backbone "
                                                              "(conv1 becomes the mean of its RGB filters)")
     g.add_argument("--init", metavar="CHECKPOINT", action="append", default=[],

@@ -530,7 +530,7 @@ def row_label(label, settings):
 
 
 # Settings named in a table's note (key, how it reads), in this order; the rest are in the JSON.
-NOTE_SETTINGS = [("iterations", "{} iterations"), ("flow_warmup", "{} of them the flow warm-up"), ("batch", "batch {}"),
+NOTE_SETTINGS = [("iterations", "{} iterations"), ("flow_warmup", "{} of them the flow warm-up where the flow trains"), ("batch", "batch {}"),
                  ("crop", "crop {0[0]}x{0[1]}"), ("backbone", "{}"), ("optimizer", "{}"), ("lr", "lr {}"),
                  ("cons_weight", "lambda_cons {}")]
 
@@ -689,6 +689,18 @@ def main(argv=None):
         f"settings {settings}")
     results, t0 = {}, time.time()
     # Seed by seed, so that an interrupted run has whole tables for the first seeds.
+    def checkpoint(name, seed):
+        return paths["runs"] / name / f"seed{seed}" / "ckpt.pt"
+
+    def restore(name, seed, trained):
+        """Train `name` again for a row that builds on it: its checkpoint is gone (deleted once a seed was
+        done, or a new checkout); first the runs it builds on itself, where theirs are gone too."""
+        for dependency in VARIANTS[name][2].values():
+            if not checkpoint(dependency, seed).is_file():
+                restore(dependency, seed, trained)
+        results[(name, seed)], _ = run_variant(name, seed, settings, paths, args.device, log, use_cache=False)
+        trained.add(name)
+
     for seed in seeds:
         trained = set()  # variants trained now: the rows built on them are not taken from the cache
         for name in order:  # dependencies come first (run_order)
@@ -698,11 +710,9 @@ def main(argv=None):
             # pass over this seed may have deleted: each missing one is trained again, and the row after them.
             if dependencies and not (use_cache and cached_result(name, seed, settings, paths, args.device)):
                 for dependency in dependencies:
-                    if not (paths["runs"] / dependency / f"seed{seed}" / "ckpt.pt").is_file():
+                    if not checkpoint(dependency, seed).is_file():
                         log(f"{name} seed {seed} builds on {dependency}, whose checkpoint is gone: training it again")
-                        results[(dependency, seed)], _ = run_variant(dependency, seed, settings, paths, args.device,
-                                                                     log, use_cache=False)
-                        trained.add(dependency)
+                        restore(dependency, seed, trained)
                         use_cache = False
             results[(name, seed)], now = run_variant(name, seed, settings, paths, args.device, log, use_cache)
             if now:
@@ -716,8 +726,8 @@ def main(argv=None):
         # Every row of this seed done: its checkpoints are no longer needed (a later row would train them again).
         if not args.keep_checkpoints and all((name, seed) in results for name in needed):
             for name in needed:
-                for file in ("ckpt.pt", "best.pt"):
-                    (paths["runs"] / name / f"seed{seed}" / file).unlink(missing_ok=True)
+                for path in (checkpoint(name, seed), checkpoint(name, seed).with_name("best.pt")):
+                    path.unlink(missing_ok=True)
     # The reference flows need no training and no seed: evaluated once, after the runs.
     references = reference_flow_metrics(EvalPairs(paths["data"], settings["eval_window"], settings["eval_snippets"]))
     for table in tables:

@@ -325,7 +325,8 @@ def test_validate_psp_and_efc_on_the_synthetic_world(world, checkpoints):
     # over pairs spread across the whole set (the first, middle and last), not the first three
     sequence = data.SyntheticSequence(world, "val")
     assert evaluate.spread_indices(len(sequence), 3) == [0, 14, 28]
-    epe_all, epe_noc, truth, identity = [], [], [], []
+    epe_all, epe_noc, epe_moving, truth, identity = [], [], [], [], []
+    moving = sequence.classes.index("car_moving")
     with torch.no_grad():
         for index in (0, 14, 28):
             item = sequence[index]
@@ -333,11 +334,15 @@ def test_validate_psp_and_efc_on_the_synthetic_world(world, checkpoints):
             epe = (flow - item["flow_fw"]).norm(dim=0)
             epe_all.append(epe[item["flow_fw_valid"]])
             epe_noc.append(epe[item["flow_fw_valid"] & ~item["occ_fw"]])
+            epe_moving.append(epe[item["flow_fw_valid"] & (item["label_a"] == moving)])  # the moving cars' pixels
             truth.append(item["flow_fw"].permute(1, 2, 0)[item["flow_fw_valid"]])
             same = evaluate.predict_flow(efc, item["image_a"][None], item["image_a"][None])[0]
             identity.append(same.norm(dim=0).mean().item())
     assert m["epe_all"] == pytest.approx(torch.cat(epe_all).mean().item(), rel=1e-5)
     assert m["epe_noc"] == pytest.approx(torch.cat(epe_noc).mean().item(), rel=1e-5)
+    epe_moving = torch.cat(epe_moving)
+    assert len(epe_moving) > 50 and len(epe_moving) < len(torch.cat(epe_all)) / 4  # a few cars, not the frame
+    assert m["epe_moving"] == pytest.approx(epe_moving.mean().item(), rel=1e-5)
     truth = torch.cat(truth).double()
     assert m["epe_all_zero"] == pytest.approx(truth.norm(dim=1).mean().item(), rel=1e-5)
     const = torch.tensor([m["const_u"], m["const_v"]], dtype=torch.float64)

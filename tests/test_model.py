@@ -97,6 +97,28 @@ def test_load_pretrained(tmp_path, depth, in_channels):
         assert torch.equal(net.conv1.weight[:, 0], mean) and torch.equal(net.conv1.weight[:, 1], mean)
 
 
+@pytest.mark.parametrize("method", ["psp", "flow2seg", "efc", "flow"])
+def test_load_pretrained_takes_the_image_backbone_of_a_train_py_checkpoint(tmp_path, method):
+    """replicate.py starts every row from the backbone of a world-trained PSPNet (--pretrained CKPT):
+    the ResNet under each method's segmentation head, bitwise, and nothing else."""
+    torch.manual_seed(0)
+    net = model.build_model(method, 5, "resnet18", max_displacement=2, corr_stride=1)
+    source = {"psp": lambda n: n.backbone, "flow2seg": lambda n: n.image.backbone,
+              "efc": lambda n: n.seg.backbone, "flow": lambda n: n.seg.backbone}[method](net)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"method": method, "config": {}, "model": net.state_dict(), "iteration": 3}, path)
+    target = model.resnet(18, dilated=True)
+    report = model.load_pretrained(target, str(path))
+    assert isinstance(report, str)
+    expected, loaded = source.state_dict(), target.state_dict()
+    for key, value in loaded.items():
+        if not key.startswith("fc."):
+            assert torch.equal(value, expected[key]), key
+    torch.save({"method": "segformer", "config": {}, "model": net.state_dict()}, path)
+    with pytest.raises(ValueError, match="unknown method 'segformer'"):
+        model.load_pretrained(target, str(path))
+
+
 def test_load_pretrained_errors(tmp_path):
     net = model.resnet(18)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):

@@ -26,12 +26,24 @@ def test_every_table_runs_dependencies_first_and_once():
     for name in order:
         for dependency in replicate.VARIANTS[name][2].values():
             assert order.index(dependency) < order.index(name)
-    # Table 3's Flow2Seg rows start from the PSPNet row (--init); the EFC-flow one also needs the full EFC.
-    assert replicate.needed_variants(["flow2seg-table3"]) == ["image-fcn", "psp", "flow2seg-gt", "full",
+    # Every row starts from the world-trained backbone; Table 3's Flow2Seg rows from the PSPNet row (--init);
+    # the EFC-flow one also needs the full EFC.
+    assert replicate.needed_variants(["flow2seg-table3"]) == ["world", "image-fcn", "psp", "flow2seg-gt", "full",
                                                              "flow2seg-efc"]
-    assert replicate.needed_variants(["flow2seg-table2"]) == ["flowpath-r18", "flowpath-r50", "flowpath-r101",
-                                                             "flowpath-aspp", "flowpath-denseaspp", "flowpath-psp"]
-    assert "zero" not in replicate.needed_variants(["efc-table2"])
+    assert replicate.needed_variants(["flow2seg-table2"]) == ["world", "flowpath-r18", "flowpath-r50",
+                                                             "flowpath-r101", "flowpath-aspp", "flowpath-denseaspp",
+                                                             "flowpath-psp"]
+    assert not set(replicate.REFERENCES) & set(replicate.needed_variants(["efc-table2"]))
+    # The run order: every variant once, what a row builds on before it, the rest in RUN_ORDER.
+    assert sorted(replicate.RUN_ORDER) == sorted(replicate.VARIANTS)
+    full = replicate.run_order(order)
+    assert full == replicate.RUN_ORDER
+    for name in full:
+        for dependency in replicate.VARIANTS[name][2].values():
+            assert full.index(dependency) < full.index(name)
+    # --only: the named rows and what they build on, nothing else.
+    assert replicate.run_order(["flow2seg-efc"]) == ["world", "psp", "full", "flow2seg-efc"]
+    assert replicate.run_order(["tcc-fix", "ul"]) == ["world", "ul", "ul-oe", "tcc-fix"]
 
 
 @pytest.mark.parametrize("name", sorted(replicate.VARIANTS))
@@ -41,9 +53,24 @@ def test_commands_are_valid_train_py_commands_with_the_shared_budget(name):
     args = train.parse_args(argv)
     method, _, dependency, own = replicate.VARIANTS[name]
     assert args.method == method and args.seed == 2 and args.out == "out/x"
+    row = replicate.variant_settings(name, settings)  # the shared settings and the row's own changes
     for key in ("iterations", "batch", "crop", "optimizer", "lr", "flow_lr_mult", "max_displacement",
-                "corr_stride", "backbone"):
-        assert getattr(args, key) == settings[key], key
+                "corr_stride", "backbone", "max_gap"):
+        assert getattr(args, key) == row[key], key
+    # The start: the world row is a PSPNet from scratch (train.py's world_encoder run); Table 3's Flow2Seg
+    # rows start from the PSPNet row; every other row takes the world run's backbone alone.
+    if name == "world":
+        assert (args.iterations, args.crop, args.optimizer, args.lr) == (200, [96, 96], "sgd", 0.01)
+        assert args.no_world_init and args.pretrained is None
+    elif name in ("flow2seg-gt", "flow2seg-efc"):
+        assert args.pretrained is None and (args.crop, args.lr) == ([96, 96], 2e-4)
+    else:
+        assert args.pretrained == "runs/r/world/seed2/ckpt.pt"
+        assert (args.iterations, args.crop) == (400, [96, 96] if method == "flow2seg" else [128, 256])
+    # The warm-up where the unsupervised flow trains; lambda_cons on EFC's rows (0 on the control).
+    assert args.flow_warmup == (200 if method in ("efc", "flow") and name != "tcc-fix" else 0)
+    if method == "efc":
+        assert args.cons_weight == (0.0 if name == "full-nocons" else 0.01)
     assert args.flow_backbone == own.get("flow_backbone", settings["flow_backbone"])
     assert argv.count("--flow-backbone") == 1
     if name == "tcc-fix":
@@ -75,11 +102,25 @@ def test_eval_pairs_window_paths_and_zero_flow(world):
     assert paths[0] == (seq.root / "leftImg8bit_sequence" / f"{seq.snippets[0][17]}_leftImg8bit.png",
                         seq.root / "leftImg8bit_sequence" / f"{seq.snippets[0][16]}_leftImg8bit.png")
     # The zero flow's EPE is the mean length (float32 norms here: rel 1e-6) of the ground truth over the counted pixels.
-    zero = replicate.zero_flow_metrics(pairs)
+    references = replicate.reference_flow_metrics(pairs)
+    zero, const = references["zero"], references["const"]
+    assert zero["pairs"] == const["pairs"] == 12
     lengths = [it["flow_fw"].norm(dim=0)[it["flow_fw_valid"]] for it in items]
     assert zero["epe_all"] == pytest.approx(torch.cat(lengths).double().mean().item(), rel=1e-6)
     noc = [it["flow_fw"].norm(dim=0)[it["flow_fw_valid"] & ~it["occ_fw"]] for it in items]
     assert zero["epe_noc"] == pytest.approx(torch.cat(noc).double().mean().item(), rel=1e-6)
+    moving = pairs.classes.index("car_moving")
+    cars = [it["flow_fw"].norm(dim=0)[it["flow_fw_valid"] & (it["label_a"] == moving)] for it in items]
+    assert 0 < len(torch.cat(cars)) < len(torch.cat(lengths)) / 4
+    assert zero["epe_moving"] == pytest.approx(torch.cat(cars).double().mean().item(), rel=1e-6)
+    # The best constant flow: the vector whose mean distance to every counted true vector is least (no
+    # nudge lowers it), far better than zero on a world whose camera pans.
+    truths = torch.cat([it["flow_fw"].permute(1, 2, 0)[it["flow_fw_valid"]] for it in items]).double()
+    vector = torch.tensor([const["const_u"], const["const_v"]], dtype=torch.float64)
+    assert const["epe_all"] == pytest.approx((truths - vector).norm(dim=1).mean().item(), rel=1e-5)
+    for nudge in ((0.05, 0), (-0.05, 0), (0, 0.05), (0, -0.05)):
+        assert (truths - vector - torch.tensor(nudge)).norm(dim=1).mean() >= const["epe_all"] - 1e-6
+    assert const["epe_all"] < 0.7 * zero["epe_all"]
     with pytest.raises(ValueError, match="eval window"):
         replicate.EvalPairs(world, [20, 30])
 
@@ -92,28 +133,49 @@ def test_table_means_std_and_markdown():
         for seed in seeds:
             miou = 0.40 + 0.01 * k + 0.02 * seed  # seeds 0.40 / 0.42 -> mean 41.0, std 1.4
             tc = float("nan") if name == "full" and seed == 1 else 0.9  # NaN seeds are left out
-            results[(name, seed)] = {"metrics": {"miou": miou, "temporal_consistency": tc}, "command": f"cmd {name}"}
-    zero = {"pairs": 12}
-    report, markdown = replicate.table_report("efc-table1", results, zero, settings, seeds)
+            results[(name, seed)] = {"metrics": {"miou": miou, "temporal_consistency": tc, "iou_car_merged": 0.7},
+                                     "command": f"cmd {name}"}
+    references = {"zero": {"pairs": 12}, "const": {"pairs": 12}}
+    report, markdown = replicate.table_report("efc-table1", results, references, settings, seeds)
     rows = {row["variant"]: row for row in report["rows"]}
     assert rows["psp"]["stats"]["miou"]["mean"] == pytest.approx(0.41)
     assert rows["psp"]["stats"]["miou"]["std"] == pytest.approx(math.sqrt(2) * 0.01)
     assert rows["full"]["stats"]["temporal_consistency"] == {"mean": pytest.approx(0.9), "std": None, "n": 1}
-    assert "| PSPNet | 41.0 ± 1.4 | 90.0 ± 0.0 | 76.20 |" in markdown
-    assert "| + TCC_multi + OM + UD (EFC) | 46.0 ± 1.4 | 90.0 (n=1) | 78.44 |" in markdown  # one seed was NaN
-    assert "2 seeds (0, 1)" in markdown and "12 validation pairs" in markdown
+    # columns: mIoU, mIoU cars merged, car_moving, car_parked, car merged, TC; absent metrics show "-"
+    assert "| PSPNet | 41.0 ± 1.4 | - | - | - | 70.0 ± 0.0 | 90.0 ± 0.0 | 76.20 |" in markdown
+    assert "| + TCC_multi + OM + UD (EFC) | 46.0 ± 1.4 | - | - | - | 70.0 ± 0.0 | 90.0 (n=1) | 78.44 |" in markdown
+    # A row without results (the control, here) is marked, not dropped; one seed of two shows n=1.
+    assert "| EFC without L_cons (lambda_cons 0; a control) (not run yet) | - | - | - | - | - | - | - |" in markdown
+    assert rows["full-nocons"]["seeds"] == [] and rows["full-nocons"]["command"] is None
+    results[("full-nocons", 1)] = {"metrics": {"miou": 0.5}, "command": "cmd nocons"}
+    report, markdown = replicate.table_report("efc-table1", results, references, settings, seeds)
+    assert "| EFC without L_cons (lambda_cons 0; a control) | 50.0 (n=1) | - |" in markdown
+    assert report["rows"][-1]["seeds"] == [1] and report["rows"][-1]["command"] == "cmd nocons"
+    # The note: seeds, the shared settings and where a row differs, the start, the pairs.
+    assert markdown.startswith("EFC Table 1: segmentation. Mean ± sample std over 2 seeds (0, 1); 400 iterations, "
+                               "200 of them the flow warm-up where the flow trains, batch 4, crop 128x256, resnet18, "
+                               "adam, lr 0.0001, lambda_cons 0.01 (EFC without L_cons (lambda_cons 0; a control): "
+                               "lambda_cons 0.0); every row's backbone from a PSPNet trained 200 iterations on the "
+                               "world; 12 validation pairs.")
     assert replicate.format_value(None, None, "pct") == "-"
     assert replicate.format_value(1.23456, None, "px") == "1.235"
-    # The zero flow is one evaluation whatever the seeds: no spread, no n; paper EPE in the table's column order.
-    for k, name in enumerate(["ul", "ul-oe", "ul-tc", "ul-oe-tc", "full"]):
+    # The reference flows are one evaluation whatever the seeds: no spread, no n; paper EPE in the table's column order.
+    for k, name in enumerate(["ul", "ul-oe", "ul-tc", "ul-oe-tc", "full", "full-nocons"]):
         for seed in seeds:
-            results[(name, seed)] = {"metrics": {"epe_all": 1.0 + k + seed, "epe_noc": 0.5, "fl_all": 0.1},
-                                     "command": f"cmd {name}"}
-    zero = {"pairs": 12, "epe_all": 1.4, "epe_noc": 1.3, "fl_all": 0.02}
-    report, markdown = replicate.table_report("efc-table2", results, zero, settings, seeds)
-    assert "| zero flow (reference) | 1.400 | 1.300 | 2.0 | - |" in markdown
-    assert "| UL | 1.500 ± 0.707 | 0.500 ± 0.000 | 10.0 ± 0.0 | 11.03 / 7.53 |" in markdown
+            results[(name, seed)] = {"metrics": {"epe_all": 1.0 + k + seed, "epe_noc": 0.5, "epe_moving": 2.0,
+                                                 "fl_all": 0.1}, "command": f"cmd {name}"}
+    references = {"zero": {"pairs": 12, "epe_all": 1.4, "epe_noc": 1.3, "epe_moving": 3.0, "fl_all": 0.02},
+                  "const": {"pairs": 12, "epe_all": 1.1, "epe_noc": 1.0, "epe_moving": 2.5, "fl_all": 0.01}}
+    report, markdown = replicate.table_report("efc-table2", results, references, settings, seeds)
+    assert "| zero flow (reference) | 1.400 | 1.300 | 3.000 | 2.0 | - |" in markdown
+    assert ("| best constant flow (reference: the geometric median of the true flows) | 1.100 | 1.000 | 2.500 | 1.0 "
+            "| - |") in markdown
+    assert "| UL | 1.500 ± 0.707 | 0.500 ± 0.000 | 2.000 ± 0.000 | 10.0 ± 0.0 | 11.03 / 7.53 |" in markdown
     assert "paper: EPE all / noc (KITTI 2015)" in markdown
+    # The JSON layout the README and the closing notes read: rows with variant and stats means, a const row.
+    variants = [row["variant"] for row in report["rows"]]
+    assert variants[:2] == ["zero", "const"] and report["rows"][1]["stats"]["epe_all"]["mean"] == 1.1
+    assert report["rows"][0]["seeds"] == [] and report["rows"][0]["per_seed"] == {"any": references["zero"]}
 
 
 def test_default_folders_keep_other_settings_apart():
@@ -129,7 +191,7 @@ def test_a_row_whose_dependency_lost_its_checkpoint_trains_it_again(world, tmp_p
     """flow2seg-efc is not cached and full's checkpoint was deleted: full is trained again (not taken
     from the cache), then flow2seg-efc; its other dependency, psp, still has its checkpoint and is not
     trained again; the rows that need nothing stay cached."""
-    cached = {"image-fcn", "psp", "flow2seg-gt", "full"}
+    cached = {"world", "image-fcn", "psp", "flow2seg-gt", "full"}
     calls = []
 
     def fake_run_variant(name, seed, settings, paths, device, log, use_cache=True):
@@ -144,8 +206,9 @@ def test_a_row_whose_dependency_lost_its_checkpoint_trains_it_again(world, tmp_p
     (tmp_path / "runs" / "psp" / "seed0" / "ckpt.pt").touch()
     replicate.main(["flow2seg-table3", "--seeds", "1", "--eval-snippets", "1", "--data-root", str(world),
                     "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
-    assert calls == [("image-fcn", True), ("psp", True), ("flow2seg-gt", True), ("full", True), ("full", False),
-                     ("flow2seg-efc", False)]
+    # full builds on the world run, whose checkpoint is gone too: that one first.
+    assert calls == [("world", True), ("psp", True), ("flow2seg-gt", True), ("full", True), ("image-fcn", True),
+                     ("world", False), ("full", False), ("flow2seg-efc", False)]
 
 
 def test_readme_update_replaces_only_the_block(tmp_path):
@@ -166,28 +229,63 @@ def test_readme_flag_writes_into_the_replication_page_which_holds_every_tables_m
 
 
 def test_one_run_trains_evaluates_and_is_cached(world, tmp_path, monkeypatch):
-    settings = {**replicate.QUICK, "iterations": 2, "crop": [64, 64], "workers": 0, "eval_snippets": 1}
+    # The world row: a PSPNet from scratch, the start of every other row (which would need its checkpoint).
+    settings = {**replicate.QUICK, "world_iterations": 2, "workers": 0, "eval_snippets": 1}
     paths = {"results": tmp_path / "results", "runs": tmp_path / "runs", "data": world}
-    result, trained = replicate.run_variant("psp", 0, settings, paths, "cpu", print)
+    result, trained = replicate.run_variant("world", 0, settings, paths, "cpu", print)
     assert trained
     metrics = result["metrics"]
     assert metrics["pairs"] == 6 and 0 <= metrics["miou"] <= 1 and 0 <= metrics["temporal_consistency"] <= 1
-    assert len(metrics["iou"]) == 9 and "iou_car_moving" in metrics
-    saved = json.loads((tmp_path / "results" / "runs" / "psp" / "seed0.json").read_text())
+    assert len(metrics["iou"]) == 9 and "iou_car_moving" in metrics and 0 <= metrics["iou_car_merged"] <= 1
+    saved = json.loads((tmp_path / "results" / "runs" / "world" / "seed0.json").read_text())
     assert saved["settings"] == settings and saved["command"].startswith("python train.py --method psp")
-    assert saved["variant_settings"] == settings and saved["resumed"] is False
+    assert " --iterations 2 " in saved["command"] and " --crop 96 96 " in saved["command"]
+    assert saved["variant_settings"] == {**settings, "iterations": 2, "crop": [96, 96], "optimizer": "sgd", "lr": 0.01}
+    assert saved["resumed"] is False
     # Cached: train.py is not started again; with other settings it is.
     calls = []
     monkeypatch.setattr(replicate.subprocess, "call", lambda argv, **kw: calls.append(argv) or 1)
-    assert replicate.run_variant("psp", 0, settings, paths, "cpu", print) == (saved, False)
+    assert replicate.run_variant("world", 0, settings, paths, "cpu", print) == (saved, False)
     assert calls == []
     with pytest.raises(SystemExit, match="train.py exited with 1"):
-        replicate.run_variant("psp", 0, {**settings, "iterations": 3}, paths, "cpu", print)
+        replicate.run_variant("world", 0, {**settings, "world_iterations": 3}, paths, "cpu", print)
     assert len(calls) == 1 and calls[0][calls[0].index("--iterations") + 1] == "3"
     assert "--resume" not in calls[0]  # the old run's checkpoint had other settings: started afresh
     # The same settings but another train.py command (here: another data root) is not the cached run either.
-    assert replicate.cached_result("psp", 0, settings, {**paths, "data": tmp_path / "elsewhere"}, "cpu") is None
-    assert replicate.cached_result("psp", 0, settings, paths, "cpu")["metrics"] == metrics
+    assert replicate.cached_result("world", 0, settings, {**paths, "data": tmp_path / "elsewhere"}, "cpu") is None
+    assert replicate.cached_result("world", 0, settings, paths, "cpu")["metrics"] == metrics
+
+
+def test_report_trains_nothing_and_only_trains_the_named_rows_and_what_they_build_on(world, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_variant(name, seed, settings, paths, device, log, use_cache=True):
+        calls.append((name, seed))
+        (paths["runs"] / name / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+        (paths["runs"] / name / f"seed{seed}" / "ckpt.pt").touch()  # what a trained run leaves
+        return {"metrics": {"miou_flow_path": 0.25}, "command": f"cmd {name}"}, True
+
+    monkeypatch.setattr(replicate, "run_variant", fake_run_variant)
+    cache = {("flowpath-r50", 1): {"metrics": {"miou_flow_path": 0.5}, "command": "cmd r50"}}
+    monkeypatch.setattr(replicate, "cached_result", lambda name, seed, *a: cache.get((name, seed)))
+    common = ["flow2seg-table2", "--seeds", "2", "--eval-snippets", "1", "--data-root", str(world),
+              "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
+    replicate.main(common + ["--report"])
+    assert calls == []
+    report = json.loads((tmp_path / "results" / "flow2seg-table2.json").read_text())
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert rows["flowpath-r50"]["seeds"] == [1] and rows["flowpath-r50"]["stats"]["miou_flow_path"]["mean"] == 0.5
+    assert rows["flowpath-r18"]["seeds"] == [] and "(not run yet)" in rows["flowpath-r18"]["label"] + \
+        (tmp_path / "results" / "flow2seg-table2.md").read_text()
+    replicate.main(common + ["--only", "flowpath-r18"])
+    assert calls == [("world", 0), ("flowpath-r18", 0), ("world", 1), ("flowpath-r18", 1)]
+    report = json.loads((tmp_path / "results" / "flow2seg-table2.json").read_text())
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert rows["flowpath-r18"]["seeds"] == [0, 1] and rows["flowpath-r50"]["seeds"] == [1]
+    for bad, message in ((["--only", "flowpath-r19"], "--only flowpath-r19: not a variant"),
+                         (["--only", "ul", "--report"], "give one of them")):
+        with pytest.raises(SystemExit):
+            replicate.parse_args(["all"] + bad)
 
 
 @pytest.mark.slow
@@ -212,8 +310,9 @@ def test_flow2seg_tables_rows_labels_and_the_flow_paths_columns():
     assert [(name, paper) for name, _, paper in table2["rows"]] == [
         ("flowpath-r18", "39.6"), ("flowpath-r50", "37.4"), ("flowpath-r101", "35.4"), ("flowpath-aspp", "39.4"),
         ("flowpath-denseaspp", "39.3"), ("flowpath-psp", "38.2")]
-    assert [key for key, _, _ in table2["columns"]] == ["miou_flow_path", "iou_flow_path_car_moving",
-                                                        "iou_flow_path_car_parked"]
+    # the flow path's mIoU and its IoU of every class: what motion alone tells apart
+    assert [key for key, _, _ in table2["columns"]] == ["miou_flow_path"] + [f"iou_flow_path_{name}" for name
+                                                                             in data.SYNTH_CLASSES]
     assert [name for name, _, _ in table3["rows"]] == ["image-fcn", "psp", "flow2seg-gt", "flow2seg-efc"]
     assert replicate.VARIANTS["flow2seg-efc"][2] == {"--init": "psp", "--flow-from": "full"}
     # Table 2 reads the flow path: the fused 'miou' (an untrained image path in this stage) is not shown.
@@ -223,22 +322,26 @@ def test_flow2seg_tables_rows_labels_and_the_flow_paths_columns():
             results[(name, seed)] = {"command": f"cmd {name}", "metrics": {
                 "miou": 0.9, "miou_flow_path": 0.30 + 0.01 * k + 0.02 * seed,
                 "iou_flow_path_car_moving": 0.5, "iou_flow_path_car_parked": 0.25, "iou_car_moving": 0.99}}
-    report, markdown = replicate.table_report("flow2seg-table2", results, {"pairs": 12}, dict(replicate.SETTINGS),
+    references = {"zero": {"pairs": 12}, "const": {"pairs": 12}}
+    report, markdown = replicate.table_report("flow2seg-table2", results, references, dict(replicate.SETTINGS),
                                               seeds)
     labels = [row["label"] for row in report["rows"]]  # the backbones that ran
     assert labels == ["ResNet18-FCN", "ResNet50-FCN", "ResNet101-FCN", "ResNet18 + ASPP", "ResNet18 + DenseASPP",
                       "ResNet18 + PSP"]
     assert report["rows"][1]["stats"]["miou_flow_path"]["mean"] == pytest.approx(0.32)
-    assert report["rows"][1]["settings_changed"] == {"flow_backbone": "resnet50"}
-    assert "| ResNet50-FCN | 32.0 ± 1.4 | 50.0 ± 0.0 | 25.0 ± 0.0 | 37.4 |" in markdown and "90.0" not in markdown
+    assert report["rows"][1]["settings_changed"] == {"crop": [96, 96], "lr": 2e-4, "flow_backbone": "resnet50"}
+    assert ("| ResNet50-FCN | 32.0 ± 1.4 | - | - | - | - | - | 50.0 ± 0.0 | 25.0 ± 0.0 | - | - | 37.4 |" in markdown
+            and "90.0" not in markdown)
+    # its rows train on 96x96 crops at 2e-4 (their flow is an input, not a correlation)
+    assert "; 400 iterations, batch 4, crop 96x96, resnet18, adam, lr 0.0002; every row's" in markdown
     # Table 3 labels name the image backbone that ran (ResNet18 in the quick settings; the paper's is ResNet101)
     for name, _, _ in table3["rows"]:
         results.update({(name, seed): {"command": "c", "metrics": {"miou": 0.5}} for seed in seeds})
-    report, markdown = replicate.table_report("flow2seg-table3", results, {"pairs": 12}, dict(replicate.SETTINGS),
+    report, markdown = replicate.table_report("flow2seg-table3", results, references, dict(replicate.SETTINGS),
                                               seeds)
     assert [row["label"] for row in report["rows"]][:2] == ["ResNet18-FCN (image only)",
                                                             "ResNet18 + PSP (PSPNet, image only)"]
-    assert "| ResNet18-FCN (image only) | 50.0 ± 0.0 | - | - | - | 75.3 (R101-FCN) |" in markdown
+    assert "| ResNet18-FCN (image only) | 50.0 ± 0.0 | - | - | - | - | - | - | - | 75.3 (R101-FCN) |" in markdown
 
 
 def test_evaluation_flows_come_from_the_flow_from_dependency_not_the_init_one(world, tmp_path, monkeypatch):

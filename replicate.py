@@ -4,33 +4,41 @@
 
 Tables (rows = variants; every variant is one `python train.py ...` command, printed as it runs):
   efc-table1       EFC Table 1, segmentation: PSPNet; + TCC_fix (pre-trained flow branch, frozen);
-                   + TCC_single; + TCC_single + OM; + TCC_multi + OM; + UD (the full EFC).
-                   Metrics: mIoU and temporal consistency.
-  efc-table2       EFC Table 2, flow: UL; UL + OE; UL + TC; UL + OE + TC; EFC full. Metrics: EPE
-                   all / noc against the exact ground truth, with the zero flow as a reference row.
+                   + TCC_single; + TCC_single + OM; + TCC_multi + OM; + UD (the full EFC); and a
+                   control in neither paper, the full EFC with lambda_cons = 0 (what L_cons adds).
+                   Metrics: mIoU, mIoU with the look-alike cars merged, the cars' IoU (moving,
+                   parked, merged) and temporal consistency.
+  efc-table2       EFC Table 2, flow: UL; UL + OE; UL + TC; UL + OE + TC; EFC full; the control.
+                   Metrics: EPE all / noc / on car_moving pixels against the exact ground truth, Fl,
+                   with two reference rows that need no training: the zero flow and the best constant
+                   flow (what a network that ignores its input reaches at best).
   flow2seg-table2  Flow2Seg Table 2, the flow path alone, trained alone (train.py --flow2seg-stage
                    flow-path) on the ground-truth flow: ResNet-18 / 50 / 101 with the FCN head;
                    ResNet-18 + ASPP, + DenseASPP, + PSP. Metrics: the flow path's mIoU and its IoU of
-                   the two look-alike classes (car_moving, car_parked: identical sprites that differ
-                   only in motion); not the fused output, whose image path this stage never trains.
+                   every class (car_moving and car_parked are identical sprites that differ only in
+                   motion); not the fused output, whose image path this stage never trains.
   flow2seg-table3  Flow2Seg Table 3: FCN (image only: the PSPNet without its pyramid pooling);
                    PSPNet (image only); + Flow2Seg started from that PSPNet (--init), on the
                    ground-truth flow, and on the flow of the trained full EFC (the two papers
-                   composed). Metrics: mIoU, the IoU of the two look-alike classes and the mIoU of
-                   the flow path alone.
+                   composed). Metrics: Table 1's segmentation columns, the flow path alone's mIoU
+                   and its IoU of the two look-alike cars.
 
-Same budget for every variant: one backbone, crop, batch, optimiser, learning rate and number of
-iterations (SETTINGS), seeds 0..N-1 (train.py --seed: initialisation, data order, augmentation;
-the world itself is the same). Nothing is tuned per variant. Three rows build on other runs of the
-same seed (VARIANTS' dependencies, run first): TCC_fix is initialised from the UL + OE flow branch
-(EFC's "fixed pre-trained FlowNetS"; so its flow saw that run's iterations too; the encoder under the
-frozen decoder is shared and keeps training, so the flow is fixed only approximately); both Flow2Seg
-rows of Table 3 start from the PSPNet run (Flow2Seg 4.3: "We use weights of PSPNet to initialize our
-Image2Seg module"; so their image path has trained twice as long as the PSPNet row's), and the
-EFC-flow one takes its flows from the full EFC run. Cost of the default: about 90 minutes per seed
-on 2 CPU cores for the three tables before Flow2Seg Table 2 was added (the EFC rows about 8 minutes
-each), so `all --seeds 3` took 4.6 hours; Table 2's six runs (two of them ResNet-50 / 101 flow
-paths) are not measured yet; `--quick` takes minutes.
+One budget for every variant (SETTINGS, its comment says why: the budget at which the mechanisms
+showed in the learning runs), seeds 0..N-1 (train.py --seed: initialisation, data order,
+augmentation; the world itself is the same). Nothing is tuned per row; the rows that change a
+setting say so in VARIANTS (the Flow2Seg rows' crop and learning rate, Table 2's flow backbones, the
+control's lambda_cons). Every row starts from the backbone of a PSPNet trained on the world by the
+"world" run of the same seed (the papers' ImageNet start, which cannot ship). Three rows build on
+other runs too (VARIANTS' dependencies, run first): TCC_fix takes its flow from the UL + OE network,
+frozen (EFC's "fixed pre-trained FlowNetS"); both Flow2Seg rows of Table 3 start from the PSPNet run
+(Flow2Seg 4.3: "We use weights of PSPNet to initialize our Image2Seg module"; so their image path
+has trained twice as long as the PSPNet row's), and the EFC-flow one takes its flows from the full
+EFC run. Cost (2-core AMD EPYC, measured): the full EFC rows about 45 minutes each (6.7 s per
+iteration: every item is a labelled and an unlabelled pair, 4 frames), the other EFC rows about 25,
+the PSPNet and flow-alone rows about 10, the Flow2Seg rows 5-10; about 5.5 hours per seed for `all`,
+so a run spans sessions: every finished row is cached (results/runs/) and an interrupted run
+resumes; RUN_ORDER puts the rows the papers' claims rest on first, `--only` trains a subset and
+`--report` writes the tables from what is cached, marking what is missing. `--quick` takes minutes.
 
 Evaluation (the same for every row): the synthetic validation world, the consecutive pairs
 (I_i, I_i+1) with 16 <= i < 22 of every snippet (60 pairs around the labelled 20th frame; all 290

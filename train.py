@@ -720,25 +720,30 @@ def read_checkpoint(path):
 
 class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
     """SyncBatchNorm for CPU processes (gloo), which torch.nn.SyncBatchNorm refuses: in training,
-    mean and variance come from the sums over the *global* batch, through an all_reduce that
-    autograd differentiates (its backward all-reduces the gradients), so N processes normalise and
-    back-propagate exactly like one process holding the whole batch."""
+    mean and variance come from the sums over the *global* batch, through all_reduces that
+    autograd differentiates (their backward all-reduces the gradients), so N processes normalise and
+    back-propagate like one process holding the whole batch. Two passes, as torch's own BatchNorm:
+    the mean first, then the mean of (x - mean)^2. The one-pass E[x^2] - mean^2 cancels where
+    |mean| >> std (at |mean| / std = 2000 it keeps about one of float32's seven digits of the
+    variance: tests/test_train.py::test_cpu_sync_batchnorm_is_batchnorm), and its backward carries
+    that error into every weight before the layer."""
 
     def forward(self, x):
         if not self.training:
             return super().forward(x)
         C = x.shape[1]
-        local = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), x.new_full((1,), x.numel() // C)])  # (2C + 1,)
-        total = torch.distributed.nn.functional.all_reduce(local)  # summed over processes
+        all_reduce = torch.distributed.nn.functional.all_reduce  # summed over processes
+        total = all_reduce(torch.cat([x.sum((0, 2, 3)), x.new_full((1,), x.numel() // C)]))  # (C + 1,)
         n = total[-1]
         mean = total[:C] / n  # (C,)
-        var = total[C:2 * C] / n - mean * mean  # biased, as BatchNorm normalises with
+        centred = x - mean.view(1, C, 1, 1)
+        var = all_reduce(centred.square().sum((0, 2, 3))) / n  # (C,), biased, as BatchNorm normalises with
         with torch.no_grad():  # running statistics as nn.BatchNorm2d: momentum 0.1, unbiased variance
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * n / (n - 1), self.momentum)
             self.num_batches_tracked += 1
         scale = self.weight * torch.rsqrt(var + self.eps)  # (C,)
-        return x * scale.view(1, C, 1, 1) + (self.bias - mean * scale).view(1, C, 1, 1)
+        return centred * scale.view(1, C, 1, 1) + self.bias.view(1, C, 1, 1)
 
 
 def synchronise_batchnorm(net, device):

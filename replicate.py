@@ -52,8 +52,10 @@ Outputs: runs under --runs (default runs/replicate/VARIANT/seedS), one JSON per 
 results/runs/ (the cache: a run whose JSON holds the same settings and the same train.py command is
 not trained again; an interrupted run resumes from its checkpoint; a row built on a run trained now
 is trained again too), results/TABLE.json (settings, every seed's numbers, mean, sample std and
-count) and results/TABLE.md (the markdown table); `--readme` also puts the tables into docs/replication.md
-between the markers <!-- replicate:TABLE --> and <!-- /replicate:TABLE -->. Plain `--quick` writes
+count) and results/TABLE.md (the markdown table); with `all`, results/goals.json and goals.md (GOALS: the
+targets the replication is held to, each met, missed or not run yet); `--readme` also puts the tables
+and the goals into docs/replication.md between the markers <!-- replicate:TABLE --> and
+<!-- /replicate:TABLE -->. Plain `--quick` writes
 under results/quick/ and runs/replicate-quick/, and any other settings (--iterations, --crop,
 --eval-snippets) under results/custom-HASH/ and runs/replicate-custom-HASH/, so they never mix with
 or overwrite the default run. Checkpoints are deleted once every row of a seed is done
@@ -601,6 +603,72 @@ def table_report(table, results, references, settings, seeds):
     return report, markdown
 
 
+# The goals the replication is held to (issue #19, as on the learning issue), each checked on the
+# tables' means: (goal, check), where check(mean) -> (what was measured, met?) and mean(table,
+# variant, metric) is that row's mean or None. A goal whose rows have no seed yet is "not run yet".
+def _ratio_goal(variant, reference, factor):
+    def check(mean):
+        value, base = mean("efc-table2", variant, "epe_all"), mean("efc-table2", reference, "epe_all")
+        return f"{value:.3f} px = {value / base:.2f}x the {reference} flow's {base:.3f} px", value <= factor * base
+    return check
+
+
+def _full_flow_check(mean):
+    full, ul = mean("efc-table2", "full", "epe_all"), mean("efc-table2", "ul", "epe_all")
+    return f"full EFC {full:.3f} px, UL {ul:.3f} px", full <= ul
+
+
+def _full_miou_check(mean):
+    full, psp = mean("efc-table1", "full", "miou"), mean("efc-table1", "psp", "miou")
+    return f"full EFC {100 * full:.1f} %, PSPNet {100 * psp:.1f} %", full >= psp
+
+
+def _cars_check(mean):
+    ious = [mean("flow2seg-table3", "flow2seg-gt", f"iou_{car}") for car in CARS]
+    return " / ".join(f"{car} {100 * iou:.1f} %" for car, iou in zip(CARS, ious)), min(ious) >= 0.5
+
+
+def _cars_gain_check(mean):
+    def cars(variant):
+        return statistics.fmean(mean("flow2seg-table3", variant, f"iou_{car}") for car in CARS)
+    gain = 100 * (cars("flow2seg-gt") - cars("psp"))
+    return (f"Flow2Seg {100 * cars('flow2seg-gt'):.1f} %, PSPNet {100 * cars('psp'):.1f} %: "
+            f"{gain:+.1f} points"), gain >= 15
+
+
+GOALS = [("UL's flow: EPE all <= 0.5x the zero flow's", _ratio_goal("ul", "zero", 0.5)),
+         ("UL's flow: EPE all <= 0.7x the best constant flow's", _ratio_goal("ul", "const", 0.7)),
+         ("the full EFC's flow no worse than UL's (EPE all)", _full_flow_check),
+         ("the full EFC's mIoU not below the PSPNet's", _full_miou_check),
+         ("Flow2Seg on the ground-truth flow: >= 50 % IoU on car_moving and on car_parked", _cars_check),
+         ("Flow2Seg on the ground-truth flow: the two cars' mean IoU >= 15 points above the PSPNet's",
+          _cars_gain_check)]
+
+
+def goals_report(reports):
+    """The GOALS checked on the table reports {table: report} -> (list of {goal, measured, status},
+    markdown). status: "met", "missed", or "not run yet" where a row it reads has no mean."""
+    def mean(table, variant, key):
+        row = next(r for r in reports[table]["rows"] if r["variant"] == variant)
+        value = row["stats"].get(key, {}).get("mean")
+        if value is None:
+            raise LookupError(variant)
+        return value
+
+    goals = []
+    for goal, check in GOALS:
+        try:
+            measured, met = check(mean)
+            goals.append({"goal": goal, "measured": measured, "status": "met" if met else "missed"})
+        except LookupError as missing:
+            goals.append({"goal": goal, "measured": f"{missing} not run yet", "status": "not run yet"})
+    seeds = reports["efc-table1"]["seeds"]
+    lines = [f"Goals, on the means over the seeds each row has (of {', '.join(map(str, seeds))}):", "",
+             "| goal | measured | status |", "| --- | --- | --- |"]
+    lines += [f"| {g['goal']} | {g['measured']} | {g['status']} |" for g in goals]
+    return goals, "\n".join(lines) + "\n"
+
+
 def update_readme(readme, table, markdown):
     """Replace the block between <!-- replicate:TABLE --> and <!-- /replicate:TABLE --> in the README."""
     text = Path(readme).read_text()
@@ -738,12 +806,21 @@ def main(argv=None):
                     path.unlink(missing_ok=True)
     # The reference flows need no training and no seed: evaluated once, after the runs.
     references = reference_flow_metrics(EvalPairs(paths["data"], settings["eval_window"], settings["eval_snippets"]))
+    reports = {}
     for table in tables:
         report, markdown = table_report(table, results, references, settings, seeds)
         write_json(paths["results"] / f"{table}.json", evaluate.json_safe(report))  # NaN -> null
         (paths["results"] / f"{table}.md").write_text(markdown)
         if args.readme:
             update_readme(args.readme, table, markdown)
+        print("\n" + markdown)
+        reports[table] = report
+    if all(table in reports for table in ("efc-table1", "efc-table2", "flow2seg-table3")):
+        goals, markdown = goals_report(reports)
+        write_json(paths["results"] / "goals.json", {"settings": settings, "seeds": seeds, "goals": goals})
+        (paths["results"] / "goals.md").write_text(markdown)
+        if args.readme:
+            update_readme(args.readme, "goals", markdown)
         print("\n" + markdown)
     log(f"done in {(time.time() - t0) / 60:.1f} min; tables in {paths['results']}")
 

@@ -224,7 +224,7 @@ def test_readme_flag_writes_into_the_replication_page_which_holds_every_tables_m
     target = replicate.parse_args(["all", "--readme"]).readme
     assert target == "docs/replication.md" and replicate.parse_args(["all"]).readme is None
     text = (Path(__file__).resolve().parent.parent / target).read_text()
-    for table in replicate.TABLES:
+    for table in [*replicate.TABLES, "goals"]:
         assert text.count(f"<!-- replicate:{table} -->") == 1 and text.count(f"<!-- /replicate:{table} -->") == 1
 
 
@@ -360,3 +360,26 @@ def test_evaluation_flows_come_from_the_flow_from_dependency_not_the_init_one(wo
         replicate.run_variant(name, 0, settings, paths, "cpu", print)
     assert filled == [tmp_path / "runs" / "full" / "seed0" / "ckpt.pt"]
     assert evaluated == [None, tmp_path / "runs" / "flow2seg-efc" / "seed0" / "val_flows"]
+
+
+def test_goals_are_checked_on_the_tables_means_and_missing_rows_are_not_run_yet():
+    def report(table, means):
+        return {"seeds": [0, 1, 2], "rows": [{"variant": variant, "stats": {k: {"mean": v} for k, v in stats.items()}}
+                                             for variant, stats in means.items()]}
+    reports = {"efc-table1": report("efc-table1", {"psp": {"miou": 0.55}, "full": {"miou": 0.54}}),
+               "efc-table2": report("efc-table2", {"zero": {"epe_all": 6.0}, "const": {"epe_all": 4.0},
+                                                   "ul": {"epe_all": 2.9}, "full": {"epe_all": 2.8}}),
+               "flow2seg-table3": report("flow2seg-table3", {"psp": {"iou_car_moving": 0.2, "iou_car_parked": 0.3},
+                                                            "flow2seg-gt": {"iou_car_moving": 0.6,
+                                                                            "iou_car_parked": 0.49}})}
+    goals, markdown = replicate.goals_report(reports)
+    status = [g["status"] for g in goals]
+    # UL 2.9 <= 0.5 x 6.0 (met); 2.9 > 0.7 x 4.0 = 2.8 (missed); full 2.8 <= UL 2.9 (met); full 54 < PSPNet 55
+    # (missed); car_parked 49 % < 50 % (missed); cars' mean 54.5 vs 25.0: +29.5 points (met)
+    assert status == ["met", "missed", "met", "missed", "missed", "met"], goals
+    assert goals[0]["measured"] == "2.900 px = 0.48x the zero flow's 6.000 px"
+    assert goals[5]["measured"] == "Flow2Seg 54.5 %, PSPNet 25.0 %: +29.5 points"
+    assert "| the full EFC's mIoU not below the PSPNet's | full EFC 54.0 %, PSPNet 55.0 % | missed |" in markdown
+    reports["efc-table2"]["rows"][2]["stats"]["epe_all"]["mean"] = None  # UL has no seed yet
+    goals, _ = replicate.goals_report(reports)
+    assert [g["status"] for g in goals[:3]] == ["not run yet"] * 3 and goals[0]["measured"] == "ul not run yet"

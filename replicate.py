@@ -609,7 +609,8 @@ def table_report(table, results, references, settings, seeds):
 def _ratio_goal(variant, reference, factor):
     def check(mean):
         value, base = mean("efc-table2", variant, "epe_all"), mean("efc-table2", reference, "epe_all")
-        return f"{value:.3f} px = {value / base:.2f}x the {reference} flow's {base:.3f} px", value <= factor * base
+        name = {"zero": "zero flow", "const": "best constant flow"}[reference]
+        return f"{value:.3f} px = {value / base:.3f}x the {name}'s {base:.3f} px", value <= factor * base
     return check
 
 

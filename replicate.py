@@ -621,7 +621,7 @@ def _full_flow_check(mean):
 
 def _full_miou_check(mean):
     full, psp = mean("efc-table1", "full", "miou"), mean("efc-table1", "psp", "miou")
-    return f"full EFC {100 * full:.1f} %, PSPNet {100 * psp:.1f} %", full >= psp
+    return f"full EFC {100 * full:.2f} %, PSPNet {100 * psp:.2f} %", full >= psp  # 2 digits: they can be close
 
 
 def _cars_check(mean):

@@ -380,7 +380,7 @@ def test_goals_are_checked_on_the_tables_means_and_missing_rows_are_not_run_yet(
     assert goals[0]["measured"] == "2.900 px = 0.483x the zero flow's 6.000 px"
     assert goals[1]["measured"] == "2.900 px = 0.725x the best constant flow's 4.000 px"
     assert goals[5]["measured"] == "Flow2Seg 54.5 %, PSPNet 25.0 %: +29.5 points"
-    assert "| the full EFC's mIoU not below the PSPNet's | full EFC 54.0 %, PSPNet 55.0 % | missed |" in markdown
+    assert "| the full EFC's mIoU not below the PSPNet's | full EFC 54.00 %, PSPNet 55.00 % | missed |" in markdown
     reports["efc-table2"]["rows"][2]["stats"]["epe_all"]["mean"] = None  # UL has no seed yet
     goals, _ = replicate.goals_report(reports)
     assert [g["status"] for g in goals[:3]] == ["not run yet"] * 3 and goals[0]["measured"] == "ul not run yet"

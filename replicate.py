@@ -33,10 +33,10 @@ other runs too (VARIANTS' dependencies, run first): TCC_fix takes its flow from 
 frozen (EFC's "fixed pre-trained FlowNetS"); both Flow2Seg rows of Table 3 start from the PSPNet run
 (Flow2Seg 4.3: "We use weights of PSPNet to initialize our Image2Seg module"; so their image path
 has trained twice as long as the PSPNet row's), and the EFC-flow one takes its flows from the full
-EFC run. Cost (2-core AMD EPYC, measured): the full EFC rows about 45 minutes each (6.7 s per
-iteration: every item is a labelled and an unlabelled pair, 4 frames), the other EFC rows about 25,
-the PSPNet and flow-alone rows about 10, the Flow2Seg rows 5-10; about 5.5 hours per seed for `all`,
-so a run spans sessions: every finished row is cached (results/runs/) and an interrupted run
+EFC run. Cost (2-core AMD EPYC, measured; train_seconds in each row's JSON): the full EFC rows about
+36 minutes each (every item is a labelled and an unlabelled pair, 4 frames), UL 7 and UL + OE 15, the
+PSPNet 9-16, the world row 2, the flow-path rows 3 (ResNet-18), the Flow2Seg rows 5; about 5 hours per
+seed for `all`, so a run spans sessions: every finished row is cached (results/runs/) and an interrupted run
 resumes; RUN_ORDER puts the rows the papers' claims rest on first, `--only` trains a subset and
 `--report` writes the tables from what is cached, marking what is missing. `--quick` takes minutes.
 

@@ -384,3 +384,24 @@ def test_goals_are_checked_on_the_tables_means_and_missing_rows_are_not_run_yet(
     reports["efc-table2"]["rows"][2]["stats"]["epe_all"]["mean"] = None  # UL has no seed yet
     goals, _ = replicate.goals_report(reports)
     assert [g["status"] for g in goals[:3]] == ["not run yet"] * 3 and goals[0]["measured"] == "ul not run yet"
+
+
+def test_all_writes_the_goals_and_their_block_from_the_cached_rows(world, tmp_path, monkeypatch):
+    cache = {("psp", 0): {"miou": 0.5, "iou_car_moving": 0.2, "iou_car_parked": 0.3},
+             ("full", 0): {"miou": 0.6, "epe_all": 0.1},
+             ("flow2seg-gt", 0): {"iou_car_moving": 0.6, "iou_car_parked": 0.7}}
+    monkeypatch.setattr(replicate, "cached_result", lambda name, seed, *a: {"metrics": cache[(name, seed)],
+                                                                              "command": f"cmd {name}"}
+                        if (name, seed) in cache else None)
+    page = tmp_path / "replication.md"
+    page.write_text("".join(f"<!-- replicate:{t} -->\n<!-- /replicate:{t} -->\n" for t in [*replicate.TABLES, "goals"]))
+    replicate.main(["all", "--report", "--seeds", "1", "--eval-snippets", "1", "--data-root", str(world),
+                    "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"), "--readme", str(page)])
+    goals = json.loads((tmp_path / "results" / "goals.json").read_text())
+    assert goals["seeds"] == [0]
+    # UL not run: its two goals and the full EFC's flow goal wait; the full EFC's mIoU and both Flow2Seg goals
+    # are read from the cached rows (60 >= 50 %; cars 65 against 25 %: +40 points)
+    assert [g["status"] for g in goals["goals"]] == ["not run yet"] * 3 + ["met"] * 3
+    text = page.read_text()
+    assert "| the full EFC's mIoU not below the PSPNet's | full EFC 60.00 %, PSPNet 50.00 % | met |" in text
+    assert (tmp_path / "results" / "goals.md").read_text() in text

@@ -605,7 +605,8 @@ def table_report(table, results, references, settings, seeds):
 
 # The goals the replication is held to (issue #19, as on the learning issue), each checked on the
 # tables' means: (goal, check), where check(mean) -> (what was measured, met?) and mean(table,
-# variant, metric) is that row's mean or None. A goal whose rows have no seed yet is "not run yet".
+# variant, metric) is that row's mean; it raises LookupError for a row with no seed yet, whose goal
+# then reads "not run yet".
 def _ratio_goal(variant, reference, factor):
     def check(mean):
         value, base = mean("efc-table2", variant, "epe_all"), mean("efc-table2", reference, "epe_all")

@@ -121,8 +121,42 @@ def test_eval_pairs_window_paths_and_zero_flow(world):
     for nudge in ((0.05, 0), (-0.05, 0), (0, 0.05), (0, -0.05)):
         assert (truths - vector - torch.tensor(nudge)).norm(dim=1).mean() >= const["epe_all"] - 1e-6
     assert const["epe_all"] < 0.7 * zero["epe_all"]
+    # The camera-only flow: exact on every pixel that moves with the camera (the flow files' 1/64-px
+    # rounding and the fit's float32 output aside), wrong on the cars by their own motion.
+    camera = references["camera"]
+    own = torch.tensor([pairs.classes.index(name) for name in replicate.OWN_MOTION])
+    residual, own_error = [], []
+    for it in items:
+        static = it["flow_fw_valid"] & ~torch.isin(it["label_a"], own)
+        flow = replicate.camera_flow(it["flow_fw"][None], static[None])[0]
+        error = (flow - it["flow_fw"]).norm(dim=0)
+        residual.append(error[static])
+        own_error.append(error[it["flow_fw_valid"] & (it["label_a"] == moving)])
+    assert torch.cat(residual).max() < 0.05
+    assert camera["epe_moving"] == pytest.approx(torch.cat(own_error).double().mean().item(), rel=1e-5)
+    assert camera["epe_moving"] > 3 and camera["epe_all"] < 0.5 * const["epe_all"]
     with pytest.raises(ValueError, match="eval window"):
         replicate.EvalPairs(world, [20, 30])
+
+
+def test_camera_flow_recovers_zoom_and_translation_outside_the_mask():
+    H, W = 24, 40
+    ys, xs = torch.meshgrid(torch.arange(H) - (H - 1) / 2, torch.arange(W) - (W - 1) / 2, indexing="ij")
+    z, tx, ty = 0.03, -4.25, 0.5  # a zoom of 3 % and a pan, as the world's camera makes them
+    truth = torch.stack([z * xs + tx, z * ys + ty])[None]  # (1, 2, H, W)
+    flow = truth.clone()
+    flow[:, 0, 5:12, 8:20] += 9.0  # a car moving 9 px to the right relative to the scene
+    flow[:, 1, 5:12, 8:20] -= 1.0
+    static = torch.ones(1, H, W, dtype=torch.bool)
+    static[:, 5:12, 8:20] = False
+    fitted = replicate.camera_flow(flow, static)
+    assert torch.allclose(fitted, truth, atol=1e-5)  # the car does not pull the fit
+    assert (fitted - flow)[0, :, 5:12, 8:20].norm(dim=0).mean() == pytest.approx(math.hypot(9, 1), rel=1e-5)
+    # Fitted to every pixel, the car drags it off the camera's motion: the mask is what keeps it exact.
+    assert not torch.allclose(replicate.camera_flow(flow, torch.ones(1, H, W, dtype=torch.bool)), truth, atol=0.1)
+    with pytest.raises(ValueError, match="1 pixels to fit"):
+        replicate.camera_flow(flow, torch.zeros(1, H, W, dtype=torch.bool).index_put_((torch.tensor([0]),) * 3,
+                                                                                     torch.tensor(True)))
 
 
 def test_table_means_std_and_markdown():
@@ -165,16 +199,19 @@ def test_table_means_std_and_markdown():
             results[(name, seed)] = {"metrics": {"epe_all": 1.0 + k + seed, "epe_noc": 0.5, "epe_moving": 2.0,
                                                  "fl_all": 0.1}, "command": f"cmd {name}"}
     references = {"zero": {"pairs": 12, "epe_all": 1.4, "epe_noc": 1.3, "epe_moving": 3.0, "fl_all": 0.02},
-                  "const": {"pairs": 12, "epe_all": 1.1, "epe_noc": 1.0, "epe_moving": 2.5, "fl_all": 0.01}}
+                  "const": {"pairs": 12, "epe_all": 1.1, "epe_noc": 1.0, "epe_moving": 2.5, "fl_all": 0.01},
+                  "camera": {"pairs": 12, "epe_all": 0.3, "epe_noc": 0.25, "epe_moving": 2.4, "fl_all": 0.005}}
     report, markdown = replicate.table_report("efc-table2", results, references, settings, seeds)
     assert "| zero flow (reference) | 1.400 | 1.300 | 3.000 | 2.0 | - |" in markdown
     assert ("| best constant flow (reference: the geometric median of the true flows) | 1.100 | 1.000 | 2.500 | 1.0 "
             "| - |") in markdown
+    assert ("| camera-only flow (reference: each pair's zoom + translation fitted to the true flow of the classes "
+            "that do not move on their own) | 0.300 | 0.250 | 2.400 | 0.5 | - |") in markdown
     assert "| UL | 1.500 ± 0.707 | 0.500 ± 0.000 | 2.000 ± 0.000 | 10.0 ± 0.0 | 11.03 / 7.53 |" in markdown
     assert "paper: EPE all / noc (KITTI 2015)" in markdown
     # The JSON layout the README and the closing notes read: rows with variant and stats means, a const row.
     variants = [row["variant"] for row in report["rows"]]
-    assert variants[:2] == ["zero", "const"] and report["rows"][1]["stats"]["epe_all"]["mean"] == 1.1
+    assert variants[:3] == ["zero", "const", "camera"] and report["rows"][1]["stats"]["epe_all"]["mean"] == 1.1
     assert report["rows"][0]["seeds"] == [] and report["rows"][0]["per_seed"] == {"any": references["zero"]}
 
 

@@ -39,7 +39,8 @@ EFC run. Cost (2-core AMD EPYC, measured; train_seconds in each row's JSON): the
 PSPNet 9-16, the world row 2, the flow-path rows 3 (ResNet-18), the Flow2Seg rows 5; about 5 hours per
 seed for `all`, so a run spans sessions: every finished row is cached (results/runs/) and an interrupted run
 resumes; RUN_ORDER puts the rows the papers' claims rest on first, `--only` trains a subset and
-`--report` writes the tables from what is cached, marking what is missing. `--quick` takes minutes.
+`--only-seeds` the seeds it names, `--report` writes the tables from what is cached, marking what is missing.
+`--quick` takes minutes.
 
 Evaluation (the same for every row): the synthetic validation world, the consecutive pairs
 (I_i, I_i+1) with 16 <= i < 22 of every snippet (60 pairs around the labelled 20th frame; all 290
@@ -757,6 +758,9 @@ def parse_args(argv=None):
     p.add_argument("--only", metavar="VARIANTS", type=lambda text: text.split(","),
                    help="train only these variants (comma-separated names of VARIANTS) and the runs they build "
                         "on; the tables take the other rows from the cache where it has them")
+    p.add_argument("--only-seeds", metavar="SEEDS", type=lambda text: [int(s) for s in text.split(",")],
+                   help="train only these seeds (comma-separated, each of 0..N-1); the tables take the other "
+                        "seeds from the cache where it has them")
     p.add_argument("--report", action="store_true",
                    help="train nothing: write the tables from the cached results (a row without them is marked "
                         "not run yet, a cell over fewer seeds shows n)")
@@ -774,6 +778,11 @@ def parse_args(argv=None):
         p.error("--only trains, --report trains nothing: give one of them")
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds}: need at least 1")
+    outside = [seed for seed in args.only_seeds or [] if not 0 <= seed < args.seeds]
+    if outside:
+        p.error(f"--only-seeds {','.join(map(str, outside))}: not among the seeds 0..{args.seeds - 1} of --seeds")
+    if args.only_seeds and args.report:
+        p.error("--only-seeds trains, --report trains nothing: give one of them")
     for flag in ("iterations", "eval_snippets"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -808,7 +817,9 @@ def main(argv=None):
         with open(log_file, "a") as f:
             f.write(line + "\n")
 
-    log(f"replicate {args.table}: variants {', '.join(order) or 'none (--report)'}; seeds {seeds}; "
+    trained_seeds = seeds if args.only_seeds is None else sorted(set(args.only_seeds))
+    log(f"replicate {args.table}: variants {', '.join(order) or 'none (--report)'}; seeds {seeds} "
+        f"(training {trained_seeds}); "
         f"settings {settings}")
     results, t0 = {}, time.time()
     # Seed by seed, so that an interrupted run has whole tables for the first seeds.
@@ -826,7 +837,8 @@ def main(argv=None):
 
     for seed in seeds:
         trained = set()  # variants trained now: the rows built on them are not taken from the cache
-        for name in order:  # dependencies come first (run_order)
+        # A seed outside --only-seeds trains nothing: its rows come from the cache below.
+        for name in order if args.only_seeds is None or seed in args.only_seeds else []:  # dependencies first
             dependencies = list(VARIANTS[name][2].values())
             use_cache = not trained.intersection(dependencies)  # a row built on a run trained in this pass: not cached
             # A row not taken from the cache needs its dependencies' checkpoints, which an earlier, completed

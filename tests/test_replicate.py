@@ -293,7 +293,8 @@ def test_one_run_trains_evaluates_and_is_cached(world, tmp_path, monkeypatch):
     assert replicate.cached_result("world", 0, settings, paths, "cpu")["metrics"] == metrics
 
 
-def test_report_trains_nothing_and_only_trains_the_named_rows_and_what_they_build_on(world, tmp_path, monkeypatch):
+def test_report_trains_nothing_and_only_trains_the_named_rows_and_what_they_build_on(world, tmp_path, monkeypatch,
+                                                                                     capsys):
     calls = []
 
     def fake_run_variant(name, seed, settings, paths, device, log, use_cache=True):
@@ -319,10 +320,17 @@ def test_report_trains_nothing_and_only_trains_the_named_rows_and_what_they_buil
     report = json.loads((tmp_path / "results" / "flow2seg-table2.json").read_text())
     rows = {row["variant"]: row for row in report["rows"]}
     assert rows["flowpath-r18"]["seeds"] == [0, 1] and rows["flowpath-r50"]["seeds"] == [1]
+    # --only-seeds: seed 1 alone trains (the fake cache has no world row, so that runs too); seed 0 nothing.
+    calls.clear()
+    replicate.main(common + ["--only", "flowpath-aspp", "--only-seeds", "1"])
+    assert calls == [("world", 1), ("flowpath-aspp", 1)]
     for bad, message in ((["--only", "flowpath-r19"], "--only flowpath-r19: not a variant"),
-                         (["--only", "ul", "--report"], "give one of them")):
+                         (["--only", "ul", "--report"], "give one of them"),
+                         (["--only-seeds", "3"], "--only-seeds 3: not among the seeds 0..2"),
+                         (["--only-seeds", "1", "--report"], "give one of them")):
         with pytest.raises(SystemExit):
             replicate.parse_args(["all"] + bad)
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -21,8 +21,10 @@ Tables (rows = variants; every variant is one `python train.py ...` command, pri
   flow2seg-table3  Flow2Seg Table 3: FCN (image only: the PSPNet without its pyramid pooling);
                    PSPNet (image only); + Flow2Seg started from that PSPNet (--init), on the
                    ground-truth flow, and on the flow of the trained full EFC (the two papers
-                   composed). Metrics: Table 1's segmentation columns, the flow path alone's mIoU
-                   and its IoU of the two look-alike cars.
+                   composed); and a control in neither paper, the same Flow2Seg training on zero
+                   flow (what the longer training and the fusion buy without any motion).
+                   Metrics: Table 1's segmentation columns, the flow path alone's mIoU and its IoU
+                   of the two look-alike cars.
 
 One budget for every variant (SETTINGS, its comment says why: the budget at which the mechanisms
 showed in the learning runs), seeds 0..N-1 (train.py --seed: initialisation, data order,
@@ -76,7 +78,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 import data
@@ -155,7 +159,13 @@ VARIANTS = {
     "image-fcn": ("psp", ["--context", "fcn"], WORLD, {}),
     "flow2seg-gt": ("flow2seg", [], {"--init": "psp"}, FLOW2SEG),
     "flow2seg-efc": ("flow2seg", [], {"--init": "psp", "--flow-from": "full"}, FLOW2SEG),
+    # A control that is in neither paper: Flow2Seg trained and evaluated exactly as flow2seg-gt, on a flow
+    # of zeros. Its image path trains 400 iterations past the PSPNet it starts from and its fusion
+    # learns a correction as before, but its input carries no motion: the gap between this row and
+    # flow2seg-gt is what the motion itself buys. "{runs}": the --runs folder (train_command).
+    "flow2seg-zero": ("flow2seg", ["--flow-dir", "{runs}/" + "zero-flows"], {"--init": "psp"}, FLOW2SEG),
 }
+ZERO_FLOWS = "zero-flows"  # the folder under --runs with flow2seg-zero's input (write_zero_flows)
 # Reference rows of Table 2: no training, one evaluation of a fixed flow (reference_flow_metrics).
 REFERENCES = ("zero", "const", "camera")
 # The classes that move on their own in the world (synthetic.py's sprites with a speed); everything
@@ -215,7 +225,8 @@ TABLES = {
                  ("psp", "{backbone} + PSP (PSPNet, image only)", "77.8 (R101 + PSP)"),
                  ("flow2seg-gt", "+ Flow2Seg from that PSPNet, ground-truth flow", "-"),
                  ("flow2seg-efc", "+ Flow2Seg from that PSPNet, flow of the full EFC",
-                  "79.7 (R101 + PSP + Flow2Seg, FlowNet2 flow)")],
+                  "79.7 (R101 + PSP + Flow2Seg, FlowNet2 flow)"),
+                 ("flow2seg-zero", "+ Flow2Seg from that PSPNet, zero flow (a control: no motion)", "-")],
         "columns": SEGMENTATION + [("miou_flow_path", "flow path alone mIoU %", "pct"),
                                    ("iou_flow_path_car_moving", "flow path car_moving %", "pct"),
                                    ("iou_flow_path_car_parked", "flow path car_parked %", "pct")],
@@ -246,6 +257,7 @@ def needed_variants(tables):
 # the cheap ones, so that a run cut short (on 2 CPU cores `all` takes hours per seed) has them first.
 RUN_ORDER = ["world", "psp", "ul-oe", "ul", "flowpath-r18", "flow2seg-gt", "full", "full-nocons", "image-fcn",
              "tcc-single", "tcc-single-om", "tcc-multi-om", "tcc-fix", "ul-tc", "ul-oe-tc", "flow2seg-efc",
+             "flow2seg-zero",
              "flowpath-aspp", "flowpath-denseaspp", "flowpath-psp", "flowpath-r50", "flowpath-r101"]
 
 
@@ -466,7 +478,20 @@ def train_command(name, seed, settings, run_dir, runs_root, data_root, device):
     # each the checkpoint of that run.
     for flag, dependency in dependencies.items():
         args += [flag, str(Path(runs_root) / dependency / f"seed{seed}" / "ckpt.pt")]
-    return args + extra
+    return args + [part.replace("{runs}", str(runs_root)) for part in extra]
+
+
+def write_zero_flows(out_dir, frames):
+    """flow2seg-zero's input: a flow of zeros, (H, W, 2) .flo at each image's own size, for every
+    (frame, previous frame) pair of frames ({split: pairs}, named as data.flow_path expects)."""
+    for split, pairs in frames.items():
+        for image, _ in pairs:
+            target = data.flow_path(out_dir, split, image)
+            if not target.is_file():
+                with Image.open(image) as opened:
+                    width, height = opened.size
+                target.parent.mkdir(parents=True, exist_ok=True)
+                data.write_flo(target, np.zeros((height, width, 2), np.float32))
 
 
 def cached_result(name, seed, settings, paths, device):
@@ -517,6 +542,9 @@ def run_variant(name, seed, settings, paths, device, log, use_cache=True):
     if checkpoint.is_file():  # finished: its training is done (e.g. stopped during evaluation): evaluate only
         finished = train.read_checkpoint(checkpoint)["iteration"] >= settings["iterations"]
         resumed = not finished
+    if "--flow-dir" in VARIANTS[name][1]:  # the zero-flow control's training input (train.py checks every file)
+        write_zero_flows(paths["runs"] / ZERO_FLOWS, {split: data.labelled_frames_with_previous(paths["data"], split)
+                                                      for split in ("train", "val")})
     t0 = time.time()
     if not finished:
         argv = args + (["--resume", str(checkpoint)] if resumed else ["--overwrite"])  # the folder is this run's
@@ -533,6 +561,9 @@ def run_variant(name, seed, settings, paths, device, log, use_cache=True):
     sequence = EvalPairs(paths["data"], settings["eval_window"], settings["eval_snippets"])
     t1 = time.time()
     flow_source = VARIANTS[name][2].get("--flow-from")
+    if "--flow-dir" in VARIANTS[name][1]:  # the zero-flow control's input on every evaluated frame
+        flow_dir = paths["runs"] / ZERO_FLOWS
+        write_zero_flows(flow_dir, {"val": sequence.frame_paths()})
     if flow_source is not None:
         # Flow2Seg's input on every evaluated frame, from the network that made its training flows.
         flow_dir = run_dir / "val_flows"

@@ -29,7 +29,7 @@ def test_every_table_runs_dependencies_first_and_once():
     # Every row starts from the world-trained backbone; Table 3's Flow2Seg rows from the PSPNet row (--init);
     # the EFC-flow one also needs the full EFC.
     assert replicate.needed_variants(["flow2seg-table3"]) == ["world", "image-fcn", "psp", "flow2seg-gt", "full",
-                                                             "flow2seg-efc"]
+                                                             "flow2seg-efc", "flow2seg-zero"]
     assert replicate.needed_variants(["flow2seg-table2"]) == ["world", "flowpath-r18", "flowpath-r50",
                                                              "flowpath-r101", "flowpath-aspp", "flowpath-denseaspp",
                                                              "flowpath-psp"]
@@ -62,7 +62,7 @@ def test_commands_are_valid_train_py_commands_with_the_shared_budget(name):
     if name == "world":
         assert (args.iterations, args.crop, args.optimizer, args.lr) == (200, [96, 96], "sgd", 0.01)
         assert args.no_world_init and args.pretrained is None
-    elif name in ("flow2seg-gt", "flow2seg-efc"):
+    elif name in ("flow2seg-gt", "flow2seg-efc", "flow2seg-zero"):
         assert args.pretrained is None and (args.crop, args.lr) == ([96, 96], 2e-4)
     else:
         assert args.pretrained == "runs/r/world/seed2/ckpt.pt"
@@ -77,8 +77,11 @@ def test_commands_are_valid_train_py_commands_with_the_shared_budget(name):
         assert args.flow_init == "runs/r/ul-oe/seed2/ckpt.pt" and args.ablation == "tcc-fix" and not args.init
     if name == "flow2seg-efc":
         assert args.flow_from == "runs/r/full/seed2/ckpt.pt"
+    # the zero-flow control reads its flows from the --runs folder's zero-flows (write_zero_flows); the others
+    # the world's ground truth, or (flow2seg-efc) the folder train.py fills
+    assert args.flow_dir == ("runs/r/zero-flows" if name == "flow2seg-zero" else None)
     # Flow2Seg 4.3: the Table 3 Flow2Seg rows start from the PSPNet row's checkpoint
-    assert args.init == (["runs/r/psp/seed2/ckpt.pt"] if name in ("flow2seg-gt", "flow2seg-efc") else [])
+    assert args.init == (["runs/r/psp/seed2/ckpt.pt"] if name.startswith("flow2seg-") else [])
     assert args.flow_from is None or name == "flow2seg-efc"
     # Table 2: the flow path alone, trained alone, with the row's backbone and context module
     assert (args.flow2seg_stage == "flow-path") == name.startswith("flowpath-")
@@ -338,7 +341,7 @@ def test_quick_smoke_run_of_a_table_has_every_variant(world, tmp_path):
     replicate.main(["flow2seg-table3", "--quick", "--seeds", "1", "--iterations", "2", "--crop", "64", "64",
                     "--data-root", str(world), "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
     report = json.loads((tmp_path / "results" / "flow2seg-table3.json").read_text())
-    assert [row["variant"] for row in report["rows"]] == ["image-fcn", "psp", "flow2seg-gt", "flow2seg-efc"]
+    assert [row["variant"] for row in report["rows"]] == ["image-fcn", "psp", "flow2seg-gt", "flow2seg-efc", "flow2seg-zero"]
     for row in report["rows"]:  # mIoU cells finite (not the image networks' absent flow path); a class IoU is
         stats = row["stats"]     # finite, or None where the class is in neither labels nor prediction (NaN)
         assert np.isfinite(stats["miou"]["mean"]) and stats["miou"]["n"] == 1
@@ -358,7 +361,7 @@ def test_flow2seg_tables_rows_labels_and_the_flow_paths_columns():
     # the flow path's mIoU and its IoU of every class: what motion alone tells apart
     assert [key for key, _, _ in table2["columns"]] == ["miou_flow_path"] + [f"iou_flow_path_{name}" for name
                                                                              in data.SYNTH_CLASSES]
-    assert [name for name, _, _ in table3["rows"]] == ["image-fcn", "psp", "flow2seg-gt", "flow2seg-efc"]
+    assert [name for name, _, _ in table3["rows"]] == ["image-fcn", "psp", "flow2seg-gt", "flow2seg-efc", "flow2seg-zero"]
     assert replicate.VARIANTS["flow2seg-efc"][2] == {"--init": "psp", "--flow-from": "full"}
     # Table 2 reads the flow path: the fused 'miou' (an untrained image path in this stage) is not shown.
     seeds, results = [0, 1], {}
@@ -405,6 +408,33 @@ def test_evaluation_flows_come_from_the_flow_from_dependency_not_the_init_one(wo
         replicate.run_variant(name, 0, settings, paths, "cpu", print)
     assert filled == [tmp_path / "runs" / "full" / "seed0" / "ckpt.pt"]
     assert evaluated == [None, tmp_path / "runs" / "flow2seg-efc" / "seed0" / "val_flows"]
+
+
+def test_the_zero_flow_control_reads_zeros_of_each_frames_size_in_training_and_evaluation(world, tmp_path, monkeypatch):
+    settings = {**replicate.QUICK, "eval_snippets": 1}
+    paths = {"results": tmp_path / "results", "runs": tmp_path / "runs", "data": world}
+    evaluated = []
+    monkeypatch.setattr(replicate.train, "read_checkpoint", lambda path: {"iteration": settings["iterations"]})
+    monkeypatch.setattr(replicate, "evaluate_run", lambda ckpt, seq, device, flow_dir: evaluated.append(flow_dir) or {})
+    run = tmp_path / "runs" / "flow2seg-zero" / "seed0"
+    run.mkdir(parents=True)
+    (run / "ckpt.pt").touch()  # finished: the flows are written, then it is evaluated
+    (run / "settings.json").write_text(json.dumps(settings))
+    replicate.run_variant("flow2seg-zero", 0, settings, paths, "cpu", print)
+    zeros = tmp_path / "runs" / "zero-flows"
+    assert evaluated == [zeros]
+    # train.py's Flow2Seg dataset finds a flow for every labelled frame of both splits, all zeros at the image's size
+    for split in ("train", "val"):
+        items = data.CityscapesFlow2Seg(world, split, flow_dir=zeros)
+        assert len(items) == len(data.labelled_frames_with_previous(world, split)) > 0
+        item = items[0]
+        assert item["flow"].shape == (2, *item["image"].shape[1:]) == (2, 64, 128)
+        assert item["flow"].abs().max() == 0
+    # every evaluated frame b has one too (SecondFrames reads it in place of the true flow, which is not zero)
+    pairs = replicate.EvalPairs(world, settings["eval_window"], 1)
+    frames = replicate.SecondFrames(pairs, zeros)
+    assert all(frames[k]["flow"].abs().max() == 0 for k in range(len(frames)))
+    assert replicate.SecondFrames(pairs)[0]["flow"].abs().max() > 0
 
 
 def test_goals_are_checked_on_the_tables_means_and_missing_rows_are_not_run_yet():

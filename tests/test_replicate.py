@@ -230,7 +230,8 @@ def test_default_folders_keep_other_settings_apart():
 def test_a_row_whose_dependency_lost_its_checkpoint_trains_it_again(world, tmp_path, monkeypatch):
     """flow2seg-efc is not cached and full's checkpoint was deleted: full is trained again (not taken
     from the cache), then flow2seg-efc; its other dependency, psp, still has its checkpoint and is not
-    trained again; the rows that need nothing stay cached."""
+    trained again; the rows that need nothing stay cached. flow2seg-zero is not cached either: it builds on
+    psp alone, whose checkpoint is there and which was not trained now, so it is run with use_cache."""
     cached = {"world", "image-fcn", "psp", "flow2seg-gt", "full"}
     calls = []
 
@@ -248,7 +249,7 @@ def test_a_row_whose_dependency_lost_its_checkpoint_trains_it_again(world, tmp_p
                     "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
     # full builds on the world run, whose checkpoint is gone too: that one first.
     assert calls == [("world", True), ("psp", True), ("flow2seg-gt", True), ("full", True), ("image-fcn", True),
-                     ("world", False), ("full", False), ("flow2seg-efc", False)]
+                     ("world", False), ("full", False), ("flow2seg-efc", False), ("flow2seg-zero", True)]
 
 
 def test_readme_update_replaces_only_the_block(tmp_path):

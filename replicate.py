@@ -127,6 +127,7 @@ QUICK = {**SETTINGS, "iterations": 20, "flow_warmup": 10, "world_iterations": 10
 # the flow network trained without segmentation, as EFC's "fixed pre-trained FlowNetS" was.
 WORLD = {"--pretrained": "world"}  # every row's image backbone: the world-trained PSPNet's
 FLOW2SEG = {"crop": [96, 96], "lr": 2e-4}  # the Flow2Seg rows' own settings (see SETTINGS' comment)
+ZERO_FLOWS = "zero-flows"  # the folder under --runs with flow2seg-zero's input (write_zero_flows)
 VARIANTS = {
     # The start of every row (not a table row): train.py's world_encoder run, a PSPNet from scratch with
     # train.py's quick psp recipe (SGD 0.01, 96x96 crops), world_iterations long.
@@ -163,9 +164,8 @@ VARIANTS = {
     # of zeros. Its image path trains 400 iterations past the PSPNet it starts from and its fusion
     # learns a correction as before, but its input carries no motion: the gap between this row and
     # flow2seg-gt is what the motion itself buys. "{runs}": the --runs folder (train_command).
-    "flow2seg-zero": ("flow2seg", ["--flow-dir", "{runs}/" + "zero-flows"], {"--init": "psp"}, FLOW2SEG),
+    "flow2seg-zero": ("flow2seg", ["--flow-dir", "{runs}/" + ZERO_FLOWS], {"--init": "psp"}, FLOW2SEG),
 }
-ZERO_FLOWS = "zero-flows"  # the folder under --runs with flow2seg-zero's input (write_zero_flows)
 # Reference rows of Table 2: no training, one evaluation of a fixed flow (reference_flow_metrics).
 REFERENCES = ("zero", "const", "camera")
 # The classes that move on their own in the world (synthetic.py's sprites with a speed); everything
@@ -483,15 +483,15 @@ def train_command(name, seed, settings, run_dir, runs_root, data_root, device):
 
 def write_zero_flows(out_dir, frames):
     """flow2seg-zero's input: a flow of zeros, (H, W, 2) .flo at each image's own size, for every
-    (frame, previous frame) pair of frames ({split: pairs}, named as data.flow_path expects)."""
+    (frame, previous frame) pair of frames ({split: pairs}, named as data.flow_path expects). Written
+    every time (a few hundred small files): a folder left by another world cannot hold the wrong size."""
     for split, pairs in frames.items():
         for image, _ in pairs:
+            with Image.open(image) as opened:
+                width, height = opened.size
             target = data.flow_path(out_dir, split, image)
-            if not target.is_file():
-                with Image.open(image) as opened:
-                    width, height = opened.size
-                target.parent.mkdir(parents=True, exist_ok=True)
-                data.write_flo(target, np.zeros((height, width, 2), np.float32))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data.write_flo(target, np.zeros((height, width, 2), np.float32))
 
 
 def cached_result(name, seed, settings, paths, device):

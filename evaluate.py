@@ -435,12 +435,19 @@ def consistency_counts(labels_a, labels_b, flow_ab, ignore=None):
 # =============================================================================================
 # 4. Validation data, built from a config so that train.py and evaluate.py measure the same thing
 # =============================================================================================
+def has_own_flow(config):
+    """Whether a checkpoint's network computes its own trained flow: efc and flow do, except EFC
+    Table 1's TCC_fix (--ablation tcc-fix), whose flow decoder is frozen at its start and never runs
+    (the flow came from the fixed --flow-init network, which is evaluated as a run of its own)."""
+    return config["method"] in ("efc", "flow") and config.get("ablation") != "tcc-fix"
+
+
 def validation_datasets(config, split=None):
     """The evaluation datasets of config['dataset'] for config['method'] -> dict:
       'segmentation'  labelled frames (CityscapesImages; CityscapesFlow2Seg for flow2seg, whose input
                       flow comes from config['flow_dir'], None = the synthetic world's ground truth;
                       CamVid), or None (method 'flow'; KITTI, which has no segmentation labels)
-      'flow'          pairs with ground-truth flow for efc / flow: SyntheticSequence (F_a->b, occ_fw)
+      'flow'          pairs with ground-truth flow for efc / flow (has_own_flow): SyntheticSequence (F_a->b, occ_fw)
                       or KittiFlow (flow_occ, flow_noc), else None
       'consistency'   SyntheticSequence for segmenting methods on the synthetic world, else None
       'classes'       class names; 'split' the split used.
@@ -462,7 +469,7 @@ def validation_datasets(config, split=None):
             out["segmentation"] = data.CityscapesImages(root, split)
         if name == "synthetic":
             sequence = data.SyntheticSequence(root, split)
-            out["flow"] = sequence if method in ("efc", "flow") else None
+            out["flow"] = sequence if has_own_flow(config) else None
             out["consistency"] = sequence if segmenting else None
             out["classes"] = sequence.classes
     elif name == "camvid":
@@ -473,7 +480,7 @@ def validation_datasets(config, split=None):
         out["segmentation"] = data.CamVid(root, split) if segmenting else None
     else:
         split = split or "training"
-        if method in ("efc", "flow"):
+        if has_own_flow(config):
             out["flow"] = data.KittiFlow(root, split, mode="flow" if split == "training" else "pairs")
     if out["segmentation"] is not None:
         out["classes"] = out["segmentation"].classes

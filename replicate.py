@@ -360,7 +360,7 @@ def evaluate_run(checkpoint, sequence, device, flow_dir=None):
             metrics["miou_flow_path"] = seg["miou_flow_path"]
             for name, iou in zip(sequence.classes, seg["iou_flow_path"]):
                 metrics[f"iou_flow_path_{name}"] = iou
-    if method in ("efc", "flow"):  # F_a->b against the exact flow; 'noc' leaves out occ_fw
+    if evaluate.has_own_flow(evaluate.config_of(ckpt)):  # F_a->b against the exact flow; 'noc' leaves out occ_fw
         metrics.update(evaluate.evaluate_flow(net, sequence, device, max_items=count))
     return metrics
 

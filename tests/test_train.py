@@ -295,6 +295,13 @@ def test_frozen_parts_stay_exactly_as_initialised(world, tmp_path, capsys, monke
     flow_ckpt = str(tmp_path / "flow" / "ckpt.pt")
     train.main(tiny(world, tmp_path / "fix", "efc", "--iterations", "2", "--ablation", "tcc-fix",
                     "--flow-init", flow_ckpt))
+    # Its own flow decoder never ran, so it has no flow to score: evaluation leaves EPE out (it was
+    # 6.29 px on the replication's world, near the zero flow's 6.35, where the fixed network had 3.11)
+    fixed, ckpt = evaluate.load_checkpoint(tmp_path / "fix" / "ckpt.pt")
+    scored = evaluate.validate(fixed, evaluate.config_of(ckpt), "cpu", max_items=2)
+    assert "epe_all" not in scored and scored["segmentation_images"] == 1 and "temporal_consistency" in scored
+    flow_net, ckpt = evaluate.load_checkpoint(flow_ckpt)
+    assert "epe_all" in evaluate.validate(flow_net, evaluate.config_of(ckpt), "cpu", max_items=2)
     # TCC_fix's flow comes from a frozen copy of the whole flow network (encoder included): on one
     # pair it stays the same while the segmentation encoder trains (before, it moved by 4.77 px in
     # 8 steps because the decoder read the training encoder)

@@ -95,7 +95,7 @@ OPTIMIZER = {  # quick recipe: the papers' optimisers
 #   "mixed"  every pair drawn anew each epoch, half with the labelled frame (Table 2, flow rows).
 # TCC_fix: "a fixed pre-trained FlowNetS": a frozen copy of a trained flow network (--flow-init,
 # encoder included) supplies the flow; the segmentation network starts like the other rows (its own
-# flow decoder is frozen and unused: the flow numbers of its validation mean nothing, Table 1 reads mIoU).
+# flow decoder is frozen and unused, so evaluation scores no flow for it: evaluate.has_own_flow).
 ABLATIONS = {
     # Table 1 (segmentation)
     "tcc-fix": ("efc", dict(frozen_flow=True, occlusion=False, error_mask=False), 1, 1, "fixed"),

@@ -1260,7 +1260,7 @@ def main(argv=None):
         title = (f"{method} ({config['backbone']}) from {args.checkpoint}, iteration {checkpoint.get('iteration', '?')}"
                  f"; {describe_inference(inference)}")
         if args.frames:
-            flow_net = net if method in ("efc", "flow") else None
+            flow_net = net if has_own_flow(config) else None  # TCC_fix: give --flow-checkpoint
             if args.flow_checkpoint:
                 flow_net, flow_checkpoint = load_checkpoint(args.flow_checkpoint, device)
                 if flow_checkpoint["method"] not in ("efc", "flow"):
@@ -1271,8 +1271,8 @@ def main(argv=None):
             title += f"; {len(frames)} frames of {args.frames} -> {args.out}"
         else:
             if args.submit and not ((config["dataset"] == "cityscapes" and method != "flow")
-                                    or (config["dataset"] == "kitti" and method in ("efc", "flow"))):
-                raise ValueError(f"--submit writes Cityscapes labelIds (psp, efc, flow2seg) or KITTI flow (efc, flow); "
+                                    or (config["dataset"] == "kitti" and has_own_flow(config))):
+                raise ValueError(f"--submit writes Cityscapes labelIds (psp, efc, flow2seg) or KITTI flow (efc, flow; not TCC_fix, whose flow is another network's); "
                                  f"nothing to submit for {method} on {config['dataset']}")
             metrics, sets = run_evaluation(net, config, device, args.max_items, inference, args.split, args.out,
                                            args.pictures if args.out else 0, args.submit)

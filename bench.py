@@ -740,25 +740,9 @@ def efc_pair_memory(args, device):
 # 4. Correlation and warping against their references
 # ---------------------------------------------------------------------------------------------
 def reference_correlation(f1, f2, max_displacement=20, stride=2):
-    """FlowNetC correlation (kernel 1, divided by C) by its definition, one displacement at a time:
-    for each (dy, dx) the mean over channels of f1 times f2 shifted by (dy, dx), on the overlap of the
-    two maps, zero elsewhere. The reference of the micro-benchmark: tests/test_warp.py's
-    naive_correlation also loops over pixels, far too slow at EFC's sizes. tests/test_bench.py checks
-    that the two references and warp.correlation agree.
-    f1, f2: (B, C, H, W) -> (B, D^2, H, W), D = 2 * (d // s) + 1, dy-major."""
-    B, C, H, W = f1.shape
-    d, s = max_displacement, stride
-    out = []
-    for dy in range(-d, d + 1, s):
-        for dx in range(-d, d + 1, s):
-            y0, y1, x0, x1 = max(0, -dy), min(H, H - dy), max(0, -dx), min(W, W - dx)  # overlap in f1
-            if y0 >= y1 or x0 >= x1:
-                out.append(f1.new_zeros(B, H, W))
-                continue
-            product = (f1[:, :, y0:y1, x0:x1] * f2[:, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx]).mean(1)  # (B, y1-y0, x1-x0)
-            # F.pad's order is (left, right, top, bottom): the overlap back at its place, zeros around it
-            out.append(F.pad(product, (x0, W - x1, y0, H - y1)))  # (B, H, W)
-    return torch.stack(out, 1)  # (B, D^2, H, W)
+    """The micro-benchmark's reference: warp.correlation's definition, one displacement at a time
+    (warp.correlation_by_definition, divided by C). f1, f2: (B, C, H, W) -> (B, D^2, H, W)."""
+    return warp.correlation(f1, f2, max_displacement, stride, path="definition")
 
 
 def grid_sample_warp(x, flow):

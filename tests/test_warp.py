@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import warp
+import warp_fast
 from warp import backward_warp, correlation, fb_occlusion, occlusion_mask, pixel_grid, range_map, resize_flow
 
 
@@ -67,29 +68,9 @@ def test_samples_outside_give_zero_and_invalid():
 
 
 def autograd_backward_warp(x, flow, padding="zeros"):
-    """backward_warp as it was before its hand-written backward (issue #18): the same sampling, with
-    autograd differentiating the four gathers and their weights. The reference of the tests below,
-    for values and both gradients, at the kinks too."""
-    B, C, H, W = x.shape
-    pos = pixel_grid(H, W, x.device, x.dtype) + flow
-    px, py = pos[:, 0], pos[:, 1]
-    valid = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)
-    if padding == "border":
-        px, py = px.clamp(0, W - 1), py.clamp(0, H - 1)
-    x0, y0 = px.floor(), py.floor()
-    wx1, wy1 = px - x0, py - y0
-    wx0, wy0 = 1 - wx1, 1 - wy1
-    x0i, x1i = x0.clamp(0, W - 1).long(), (x0 + 1).clamp(0, W - 1).long()
-    y0i, y1i = y0.clamp(0, H - 1).long(), (y0 + 1).clamp(0, H - 1).long()
-    flat = x.reshape(B, C, H * W)
-
-    def gather(yi, xi):
-        return flat.gather(2, (yi * W + xi).view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
-
-    warped = ((wy0 * wx0).unsqueeze(1) * gather(y0i, x0i) + (wy0 * wx1).unsqueeze(1) * gather(y0i, x1i)
-              + (wy1 * wx0).unsqueeze(1) * gather(y1i, x0i) + (wy1 * wx1).unsqueeze(1) * gather(y1i, x1i))
-    valid = valid.unsqueeze(1).to(x.dtype)
-    return (warped * valid if padding == "zeros" else warped), valid
+    """The reference of the tests below: warp.py's definition of eq. (1), autograd differentiating
+    its four gathers and their weights."""
+    return backward_warp(x, flow, padding, path="definition")
 
 
 def kinked_flow(B, H, W, generator):
@@ -419,7 +400,7 @@ def naive_correlation(f1, f2, d, s):
     return out
 
 
-PATHS = ["tiled", "all_pairs"]
+PATHS = ["tiled", "all_pairs", "definition"]
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -445,13 +426,13 @@ def test_correlation_picks_the_all_pairs_path_up_to_its_threshold(monkeypatch):
     # By the map's pixel count: all-pairs up to warp.ALL_PAIRS_MAX_PIXELS, tiled above; an explicit
     # path wins. Spies record which path ran.
     taken = []
-    for name in ("_tiled_correlation", "_all_pairs_correlation"):
-        original = getattr(warp, name)
-        monkeypatch.setattr(warp, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
+    for name in ("tiled_correlation", "all_pairs_correlation"):
+        original = getattr(warp_fast, name)
+        monkeypatch.setattr(warp_fast, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
     monkeypatch.setattr(warp, "ALL_PAIRS_MAX_PIXELS", 4 * 6)
-    for H, W, path in ((4, 6, None), (5, 5, None), (3, 3, "tiled"), (6, 6, "all_pairs")):
+    for H, W, path in ((4, 6, None), (5, 5, None), (3, 3, "tiled"), (6, 6, "all_pairs"), (6, 6, "definition")):
         correlation(torch.randn(1, 2, H, W), torch.randn(1, 2, H, W), 2, 1, path=path)
-    assert taken == ["_all_pairs_correlation", "_tiled_correlation", "_tiled_correlation", "_all_pairs_correlation"]
+    assert taken == ["all_pairs_correlation", "tiled_correlation", "tiled_correlation", "all_pairs_correlation"]
     with pytest.raises(ValueError, match="path"):
         correlation(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), path="loop")
 
@@ -516,7 +497,7 @@ def test_correlation_tiles_give_the_same_result(tile):
         assert torch.allclose(out, naive_correlation(f1, f2, d, s), atol=1e-12)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ["tiled", "all_pairs"])  # the definition runs in its inputs' dtype
 def test_correlation_under_bf16_autocast_matches_float32(path):
     torch.manual_seed(5)
     f1 = torch.randn(2, 8, 6, 10, requires_grad=True)
@@ -552,3 +533,45 @@ def test_border_padding_samples_the_nearest_image_point_and_carries_no_gradient_
     assert flow.grad[0, 1, 0].abs().sum() == 0
     with pytest.raises(ValueError, match="padding"):
         backward_warp(x, flow, padding="reflect")
+
+
+# ------------------------------------------------------------------- the definitions and the fast paths
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_the_fast_warp_is_the_default_and_equals_the_definition(padding, monkeypatch):
+    # warp.py's readable definition and warp_fast's hand-written backward, on the float32 inputs
+    # training gives them (kinked_flow covers float64 and the kinks above): values and both gradients.
+    calls = []
+    fast = warp_fast.bilinear_warp
+    monkeypatch.setattr(warp_fast, "bilinear_warp", lambda *a: calls.append(1) or fast(*a))
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 9, 11, generator=generator, requires_grad=True)
+    flow = (4 * torch.randn(2, 2, 9, 11, generator=generator)).requires_grad_()
+    weights = torch.randn(2, 6, 9, 11, generator=generator)
+    results = []
+    for path in (None, "definition"):
+        warped, valid = backward_warp(x, flow, padding, path=path)
+        results.append((warped, valid, *torch.autograd.grad((warped * weights).sum(), (x, flow))))
+    assert calls == [1]  # the default ran the fast path, "definition" did not
+    for fast_value, definition_value in zip(*results):
+        assert torch.allclose(fast_value, definition_value, rtol=1e-5, atol=1e-5)
+    assert results[0][3].abs().sum() > 0 and 0 < results[0][1].mean() < 1
+    with pytest.raises(ValueError, match="path"):
+        backward_warp(x, flow, path="grid_sample")
+
+
+def test_every_correlation_path_equals_the_definition_at_the_quick_recipes_shape():
+    # The quick recipe's cost volume (d 4, stride 1) on a 16x32 map, and EFC's (d 20, stride 2) on a
+    # map narrower than its reach: float32, values and gradients of each fast path against the definition.
+    generator = torch.Generator().manual_seed(6)
+    for shape, d, s in (((2, 32, 16, 32), 4, 1), ((1, 16, 12, 14), 20, 2)):
+        f1 = torch.randn(*shape, generator=generator, requires_grad=True)
+        f2 = torch.randn(*shape, generator=generator, requires_grad=True)
+        definition = correlation(f1, f2, d, s, path="definition")
+        weights = torch.randn(definition.shape, generator=generator)
+        expected = torch.autograd.grad((definition * weights).sum(), (f1, f2))
+        for path in ("tiled", "all_pairs", None):
+            out = correlation(f1, f2, d, s, path=path)
+            assert torch.allclose(out, definition, atol=1e-5), (shape, path)
+            grads = torch.autograd.grad((out * weights).sum(), (f1, f2))
+            assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, expected)), (shape, path)
+        assert definition.abs().sum() > 0

@@ -381,15 +381,17 @@ class PSPNet(nn.Module):
         self.aux_head = fcn_head(c3, aux_channels, num_classes, dropout)
         init_weights(self.ppm)
 
-    def encode(self, image):
+    def encode(self, image, with_layer2=False):
         """image (B, 3, H, W) -> f4 (B, C1, H/4, W/4) layer1 output, S (B, C3, H/8, W/8) layer3 output.
-        S is EFC's shared-encoder feature map (layers 1-3, "Framework Overview")."""
+        S is EFC's shared-encoder feature map (layers 1-3, "Framework Overview"). with_layer2=True
+        returns (f4, f8, S), f8 (B, C2, H/8, W/8) the layer2 output (what EFCNet may correlate)."""
         check_input(image, 3, "image")
         b = self.backbone
         x = b.maxpool(b.relu(b.bn1(b.conv1(image))))  # (B, 64, H/4, W/4)
         f4 = b.layer1(x)  # (B, C1, H/4, W/4)
-        S = b.layer3(b.layer2(f4))  # (B, C3, H/8, W/8)
-        return f4, S
+        f8 = b.layer2(f4)  # (B, C2, H/8, W/8)
+        S = b.layer3(f8)  # (B, C3, H/8, W/8)
+        return (f4, f8, S) if with_layer2 else (f4, S)
 
     def decode(self, S, size=None):
         """S (B, C3, H/8, W/8) -> {'logits', 'aux'} (B, K, size); size None keeps stride 8.
@@ -471,12 +473,14 @@ def matching_features(S):
 MATCH_TEMPERATURE = 0.02
 
 
-def soft_argmax_flow(corr, max_displacement, stride, temperature=MATCH_TEMPERATURE):
+def soft_argmax_flow(corr, max_displacement, stride, temperature=MATCH_TEMPERATURE, with_peak=False):
     """The flow a cost volume itself votes for: (B, D*D, h, w) cosine correlations, channels in
     warp.correlation's order (dy major, dx minor, each from -max_displacement to +max_displacement
     in steps of stride) -> (B, 2, h, w), u first, in pixels of the correlation's grid: the
     softmax(corr / T)-weighted mean displacement, then a 3x3 box mean (replicate border) that
     averages out single-cell mistakes. No parameters and no labels: classical block matching.
+    with_peak=True also returns the largest softmax weight (B, 1, h, w) in (0, 1]: how sure the
+    cost volume is (near 1: one clear match; near 1/D^2: no match stands out).
     """
     d = torch.arange(-max_displacement, max_displacement + 1, stride, dtype=corr.dtype, device=corr.device)
     D = len(d)
@@ -486,28 +490,40 @@ def soft_argmax_flow(corr, max_displacement, stride, temperature=MATCH_TEMPERATU
     p = (corr / temperature).softmax(1).view(corr.shape[0], D, D, *corr.shape[2:])  # (B, dy, dx, h, w)
     u = (p.sum(1) * d.view(1, D, 1, 1)).sum(1)  # (B, h, w), marginal over dy, mean dx
     v = (p.sum(2) * d.view(1, D, 1, 1)).sum(1)  # (B, h, w), marginal over dx, mean dy
-    flow = torch.stack([u, v], 1)  # (B, 2, h, w)
-    return F.avg_pool2d(F.pad(flow, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    flow = F.avg_pool2d(F.pad(torch.stack([u, v], 1), (1, 1, 1, 1), mode="replicate"), 3, stride=1)  # (B, 2, h, w)
+    if with_peak:
+        return flow, p.flatten(1, 2).amax(1, keepdim=True)
+    return flow
 
 
 class FlowDecoder(nn.Module):
     """Flow and occlusion of the first frame towards the second, from shared-encoder features.
 
-    forward(S1, S2, f4, image_size): S1, S2 (B, C_S, H/8, W/8) layer3 features of the first and
-    second frame, f4 (B, C_skip, H/4, W/4) layer1 features of the first frame, image_size (H, W).
+    forward(S1, S2, f4, image_size, M1=None, M2=None): S1, S2 (B, C_S, H/8, W/8) layer3 features of
+    the first and second frame, f4 (B, C_skip, H/4, W/4) layer1 features of the first frame,
+    image_size (H, W); M1, M2 (B, C_M, H/8, W/8) the features the correlation compares (None: S1, S2;
+    EFCNet passes layer2's with corr_layer "layer2"). The redirect always reads S1.
     Returns flows, occlusions: lists of 5 tensors, finest first (strides 4, 8, 16, 32, 64);
     flows (B, 2, h_l, w_l) in pixels of their own grid; occlusions (B, 1, h_l, w_l) probabilities.
+
+    match_input=True (not in FlowNet or EFC; train.py --match-input) also gives the stride-8 layers
+    conv3_1 and predict_flow3 the cost volume's own answer: its soft-argmax flow (FlowNet units) and
+    peak weight, 3 channels. Why: from the correlation to flow3 FlowNetC has two convs and one
+    LeakyReLU, too shallow to find a peak among D^2 cosines; the deep path that can is at strides
+    16-64, where a car is one or two cells. Measured in docs/moving-cars.md.
     """
 
-    def __init__(self, enc_channels, skip_channels, max_displacement=20, stride=2, redirect_channels=32):
+    def __init__(self, enc_channels, skip_channels, max_displacement=20, stride=2, redirect_channels=32,
+                 match_input=False):
         super().__init__()
-        self.max_displacement, self.stride = max_displacement, stride
+        self.max_displacement, self.stride, self.match_input = max_displacement, stride, match_input
         D = 2 * (max_displacement // stride) + 1  # displacements per axis (21 for 20, 2)
+        m = 3 if match_input else 0  # the cost volume's soft-argmax flow (2) and peak weight (1)
         c3, c4, c5, c6 = 256, 512, 512, 1024  # FlowNetC widths at strides 8, 16, 32, 64
         d5, d4, d3, d2 = 512, 256, 128, 64  # FlowNetS deconv widths towards strides 32, 16, 8, 4
         # FlowNetC: 1x1 "redirect" of the first frame's features, concatenated with the correlation.
         self.redirect = conv_lrelu(enc_channels, redirect_channels, kernel_size=1)
-        self.conv3_1 = conv_lrelu(D * D + redirect_channels, c3)
+        self.conv3_1 = conv_lrelu(D * D + redirect_channels + m, c3)
         self.conv4 = conv_lrelu(c3, c4, stride=2)
         self.conv4_1 = conv_lrelu(c4, c4)
         self.conv5 = conv_lrelu(c4, c5, stride=2)
@@ -518,7 +534,7 @@ class FlowDecoder(nn.Module):
         concat6 = c6
         concat5 = c5 + d5 + 2
         concat4 = c4 + d4 + 2
-        concat3 = c3 + d3 + 2
+        concat3 = c3 + d3 + 2 + m
         concat2 = skip_channels + d2 + 2  # EFC: the encoder's layer1 plays FlowNetS's conv2
         self.deconv5, self.deconv4 = deconv_lrelu(concat6, d5), deconv_lrelu(concat5, d4)
         self.deconv3, self.deconv2 = deconv_lrelu(concat4, d3), deconv_lrelu(concat3, d2)
@@ -553,12 +569,20 @@ class FlowDecoder(nn.Module):
         the feature grid, no gradient: the label-free target of the warm-up (train.py --flow-warmup)."""
         return soft_argmax_flow(self.correlate(S1.float(), S2.float()), self.max_displacement, self.stride)
 
-    def forward(self, S1, S2, f4, image_size):
+    def forward(self, S1, S2, f4, image_size, M1=None, M2=None):
+        M1, M2 = (S1, S2) if M1 is None else (M1, M2)
         # FlowNetC correlation (kernel 1) on the stride-8 features: D^2 channels, displacements up to
         # max_displacement feature pixels = 8x that many image pixels. It correlates matching_features,
         # so each channel is a cosine similarity in [-1, 1] (FlowNetC: raw features / C).
-        corr = F.leaky_relu(self.correlate(S1, S2), 0.1)  # (B, D^2, H/8, W/8)
-        x3 = self.conv3_1(torch.cat([corr, self.redirect(S1)], 1))  # (B, 256, H/8, W/8)
+        cost = self.correlate(M1, M2)  # (B, D^2, H/8, W/8)
+        stride8 = [F.leaky_relu(cost, 0.1), self.redirect(S1)]
+        match = []
+        if self.match_input:  # the cost volume's own flow, in FlowNet units like every raw prediction
+            flow8, peak = soft_argmax_flow(cost.float(), self.max_displacement, self.stride, with_peak=True)
+            H, W = image_size
+            to_raw = flow8.new_tensor([W / flow8.shape[3], H / flow8.shape[2]]).view(1, 2, 1, 1) / FLOW_DIV
+            match = [(flow8 * to_raw).to(cost.dtype), peak.to(cost.dtype)]  # (B, 2, H/8, W/8), (B, 1, H/8, W/8)
+        x3 = self.conv3_1(torch.cat(stride8 + match, 1))  # (B, 256, H/8, W/8)
         x4 = self.conv4_1(self.conv4(x3))  # (B, 512, H/16, W/16)
         x5 = self.conv5_1(self.conv5(x4))  # (B, 512, H/32, W/32)
         concat6 = self.conv6_1(self.conv6(x5))  # (B, 1024, H/64, W/64)
@@ -573,7 +597,7 @@ class FlowDecoder(nn.Module):
                              crop_like(self.upsampled_flow5_to_4(flow5), x4)], 1)  # (B, concat4, H/16, W/16)
         flow4 = self.predict_flow4(concat4)  # (B, 2, H/16, W/16)
         concat3 = torch.cat([x3, crop_like(self.deconv3(concat4), x3),
-                             crop_like(self.upsampled_flow4_to_3(flow4), x3)], 1)  # (B, concat3, H/8, W/8)
+                             crop_like(self.upsampled_flow4_to_3(flow4), x3)] + match, 1)  # (B, concat3, H/8, W/8)
         flow3 = self.predict_flow3(concat3)  # (B, 2, H/8, W/8)
         concat2 = torch.cat([f4, crop_like(self.deconv2(concat3), f4),
                              crop_like(self.upsampled_flow3_to_2(flow3), f4)], 1)  # (B, concat2, H/4, W/4)
@@ -591,12 +615,22 @@ class EFCNet(nn.Module):
     forward(image) is inference and runs exactly PSPNet (EFC: no extra computation at test time).
     forward(image_a, image_b) = forward_pair(image_a, image_b) is training; calling it through
     forward keeps DistributedDataParallel's hooks working.
+
+    corr_layer: the encoder output the correlation compares (EFC: "intermediate feature", following
+    FlowNetC, which correlates its conv3, stride 8). "layer3" = S; "layer2" = ResNet's conv3_x stage,
+    also stride 8 and less semantic: its cosine matches match the moving cars where layer3's match
+    the background around them (docs/moving-cars.md).
     """
 
-    def __init__(self, num_classes, backbone="resnet50", max_displacement=20, corr_stride=2):
+    def __init__(self, num_classes, backbone="resnet50", max_displacement=20, corr_stride=2, corr_layer="layer3",
+                 match_input=False):
         super().__init__()
+        if corr_layer not in CORR_LAYERS:
+            raise ValueError(f"corr_layer must be one of {CORR_LAYERS}, got {corr_layer!r}")
+        self.corr_layer = corr_layer
         self.seg = PSPNet(num_classes, backbone)
-        self.flow = FlowDecoder(self.seg.enc_channels, self.seg.skip_channels, max_displacement, corr_stride)
+        self.flow = FlowDecoder(self.seg.enc_channels, self.seg.skip_channels, max_displacement, corr_stride,
+                                match_input=match_input)
 
     def forward(self, image, image_b=None, segment=True, warmup=False, flow=True):
         if image_b is None:
@@ -621,21 +655,24 @@ class EFCNet(nn.Module):
             raise ValueError(f"image_a {tuple(image_a.shape)} and image_b {tuple(image_b.shape)} "
                              "must have equal shapes")
         B, size = image_a.shape[0], image_a.shape[-2:]
-        f4, S = self.seg.encode(torch.cat([image_a, image_b]))  # (2B, C1, H/4, W/4), (2B, C_S, H/8, W/8)
+        # (2B, C1, H/4, W/4), (2B, C2, H/8, W/8), (2B, C_S, H/8, W/8)
+        f4, f8, S = self.seg.encode(torch.cat([image_a, image_b]), with_layer2=True)
         S_a, S_b = S[:B], S[B:]
+        M = S if self.corr_layer == "layer3" else f8  # what the correlation compares
         # One decoder run on the batch of pairs [(a, b); (b, a)]: the same weights give F_a->b
         # (first half) and F_b->a (second half). The first frames are [a; b] = S and f4 as they are.
         S1, S2, skip = S, torch.cat([S_b, S_a]), f4
+        M1, M2 = M, torch.cat([M[B:], M[:B]])
         if warmup:
-            S1, S2, skip = S1.detach(), S2.detach(), skip.detach()
+            S1, S2, skip, M1, M2 = S1.detach(), S2.detach(), skip.detach(), M1.detach(), M2.detach()
         out = {"S_a": S_a, "S_b": S_b, "flow_ab": None, "flow_ba": None, "occ_a": None, "occ_b": None,
                "logits_a": None, "logits_b": None, "aux_a": None, "aux_b": None}
         if flow:
-            flows, occlusions = self.flow(S1, S2, skip, size)
+            flows, occlusions = self.flow(S1, S2, skip, size, M1, M2)
             out.update({"flow_ab": [f[:B] for f in flows], "flow_ba": [f[B:] for f in flows],
                         "occ_a": [o[:B] for o in occlusions], "occ_b": [o[B:] for o in occlusions]})
         if warmup:
-            matches = self.flow.matching_flow(S1, S2)  # (2B, 2, H/8, W/8)
+            matches = self.flow.matching_flow(M1, M2)  # (2B, 2, H/8, W/8)
             out["match_ab"], out["match_ba"] = matches[:B], matches[B:]
         if segment:
             seg = self.seg.decode(S, size)  # logits (2B, K, H, W); aux likewise or None
@@ -705,10 +742,11 @@ class Flow2SegNet(nn.Module):
 
 
 METHODS = ("psp", "flow2seg", "efc", "flow")
+CORR_LAYERS = ("layer3", "layer2")  # EFCNet's corr_layer
 
 
 def build_model(method, num_classes, backbone="resnet50", flow_backbone="resnet18", max_displacement=20,
-                corr_stride=2, context="psp", flow_context="fcn"):
+                corr_stride=2, context="psp", flow_context="fcn", corr_layer="layer3", match_input=False):
     """The network of a training method (train.py's --method; checkpoints store these arguments):
       psp       PSPNet, the image-only baseline of both papers; with context 'fcn' the same network
                 without its pyramid pooling (Flow2Seg Table 3's "ResNet101-FCN")
@@ -726,7 +764,7 @@ def build_model(method, num_classes, backbone="resnet50", flow_backbone="resnet1
     if method == "flow2seg":
         return Flow2SegNet(num_classes, backbone, flow_backbone, flow_context=flow_context)
     if method in ("efc", "flow"):
-        return EFCNet(num_classes, backbone, max_displacement, corr_stride)
+        return EFCNet(num_classes, backbone, max_displacement, corr_stride, corr_layer, match_input)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 

@@ -345,6 +345,51 @@ def test_forward_pair_returns_the_matching_flows_of_both_directions_on_request()
         assert torch.allclose(out["match_ba"], net.flow.matching_flow(out["S_b"], out["S_a"]))
 
 
+def test_corr_layer_layer2_correlates_layer2_and_keeps_S_for_the_redirect_and_segmentation():
+    """corr_layer 'layer2': the matching flow is that of the encoder's layer2 outputs (not S), while
+    S_a / S_b (L_cons, segmentation) stay layer3's; an unknown layer is refused."""
+    torch.manual_seed(0)
+    net = model.EFCNet(5, "resnet18", max_displacement=4, corr_stride=1, corr_layer="layer2").eval()
+    a, b = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = net.forward_pair(a, b, segment=False, warmup=True)
+        f4, f8, S = net.seg.encode(torch.cat([a, b]), with_layer2=True)
+        assert f8.shape == (2, 128, 8, 8) and torch.equal(out["S_a"], S[:1])
+        assert torch.allclose(out["match_ab"], net.flow.matching_flow(f8[:1], f8[1:]))
+        assert not torch.allclose(out["match_ab"], net.flow.matching_flow(S[:1], S[1:]))
+    with pytest.raises(ValueError, match="corr_layer"):
+        model.EFCNet(5, "resnet18", corr_layer="layer1")
+
+
+def test_soft_argmax_peak_tells_a_clear_match_from_a_flat_cost_volume():
+    D2 = 9 * 9
+    flat = torch.zeros(1, D2, 2, 2)
+    sharp = torch.full((1, D2, 2, 2), -1.0)
+    sharp[:, 40] = 1.0  # the zero displacement, alone at cosine 1
+    _, peak_flat = model.soft_argmax_flow(flat, 4, 1, with_peak=True)
+    flow, peak_sharp = model.soft_argmax_flow(sharp, 4, 1, with_peak=True)
+    assert torch.allclose(peak_flat, torch.full_like(peak_flat, 1 / D2))
+    assert torch.allclose(peak_sharp, torch.ones_like(peak_sharp)) and flow.abs().max() < 1e-6
+
+
+def test_match_input_gives_the_stride8_layers_the_soft_argmax_in_flownet_units():
+    """match_input: conv3_1 and predict_flow3 read 3 more channels, the cost volume's soft-argmax
+    flow in FlowNet units (full-resolution pixels / FLOW_DIV) and its peak weight."""
+    torch.manual_seed(0)
+    decoder = model.FlowDecoder(64, 16, max_displacement=4, stride=1, match_input=True)
+    S1 = torch.randn(1, 64, 8, 12)
+    S2 = torch.roll(S1, shifts=2, dims=3)  # everything 2 feature pixels to the right
+    seen = {}
+    decoder.conv3_1.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
+    decoder.predict_flow3.register_forward_hook(lambda m, i, o: seen.update(c3=i[0]))
+    with torch.no_grad():
+        decoder(S1, S2, torch.randn(1, 16, 16, 24), (64, 96))
+    assert seen["x"].shape[1] == 81 + 32 + 3 and torch.equal(seen["x"][:, -3:], seen["c3"][:, -3:])
+    u = seen["x"][0, -3, 3:5, 4:8]  # interior: 2 feature pixels = 16 image pixels = 0.8 FlowNet units
+    assert torch.allclose(u, torch.full_like(u, 2 * 8 / model.FLOW_DIV), atol=1e-3)
+    assert seen["x"][0, -1, 3:5, 4:8].min() > 0.9  # random features: one clear match
+
+
 # ---------------------------------------------------------------------------------------------
 # Flow2Seg Table 2's context modules on the flow path, Table 3's image-only FCN
 # ---------------------------------------------------------------------------------------------

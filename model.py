@@ -514,7 +514,7 @@ class FlowDecoder(nn.Module):
     """
 
     def __init__(self, enc_channels, skip_channels, max_displacement=20, stride=2, redirect_channels=32,
-                 match_input=False):
+                 match_input=False, pass_through=False):
         super().__init__()
         self.max_displacement, self.stride, self.match_input = max_displacement, stride, match_input
         D = 2 * (max_displacement // stride) + 1  # displacements per axis (21 for 20, 2)
@@ -556,6 +556,31 @@ class FlowDecoder(nn.Module):
         for conv in last_layers:
             nn.init.normal_(conv.weight, std=1e-3)
             nn.init.zeros_(conv.bias)
+        if pass_through:
+            self.init_pass_through(concat5 - 2, concat4 - 2, concat3 - 2 - m, concat2 - 2)
+
+    @torch.no_grad()
+    def init_pass_through(self, at5, at4, at3, at2):
+        """pass_through=True (not in FlowNet or EFC; train.py --flow-pass-through): every learned 2x
+        upsampling of a flow starts as the bilinear one, and every predict_flow as the identity on the
+        flow it is given (channels at5.. of its input: the upsampled coarser flow; at stride 8 with
+        match_input the cost volume's soft-argmax instead). So the decoder starts by handing the
+        cost volume's answer (or the coarse flow) down to stride 4 and learns corrections to it.
+        Why: from near-zero weights Adam moves each weight by about lr a step, 0.04 in 400 steps
+        at 1e-4, so a FlowNet decoder in the quick budget passes on at most ~10 % of a flow from one
+        scale or from the cost volume to the next and regresses the rest from its features, which
+        know the camera but not the cars (docs/moving-cars.md, section 3)."""
+        k = torch.tensor([0.25, 0.75, 0.75, 0.25])
+        bilinear = k[:, None] * k[None, :]  # (4, 4): ConvTranspose2d(4, stride 2, padding 1) = bilinear x2
+        for up in (self.upsampled_flow6_to_5, self.upsampled_flow5_to_4, self.upsampled_flow4_to_3,
+                   self.upsampled_flow3_to_2):
+            up.weight.zero_()
+            up.weight[0, 0], up.weight[1, 1] = bilinear, bilinear
+        at3 = self.predict_flow3.weight.shape[1] - 3 if self.match_input else at3
+        for predict, at in ((self.predict_flow5, at5), (self.predict_flow4, at4), (self.predict_flow3, at3),
+                            (self.predict_flow2, at2)):
+            predict.weight[:, at:at + 2].zero_()
+            predict.weight[0, at, 1, 1] = predict.weight[1, at + 1, 1, 1] = 1.0
 
     def correlate(self, S1, S2):
         """FlowNetC correlation (kernel 1) of matching_features: (B, D^2, h, w), each channel the
@@ -623,14 +648,14 @@ class EFCNet(nn.Module):
     """
 
     def __init__(self, num_classes, backbone="resnet50", max_displacement=20, corr_stride=2, corr_layer="layer3",
-                 match_input=False):
+                 match_input=False, pass_through=False):
         super().__init__()
         if corr_layer not in CORR_LAYERS:
             raise ValueError(f"corr_layer must be one of {CORR_LAYERS}, got {corr_layer!r}")
         self.corr_layer = corr_layer
         self.seg = PSPNet(num_classes, backbone)
         self.flow = FlowDecoder(self.seg.enc_channels, self.seg.skip_channels, max_displacement, corr_stride,
-                                match_input=match_input)
+                                match_input=match_input, pass_through=pass_through)
 
     def forward(self, image, image_b=None, segment=True, warmup=False, flow=True):
         if image_b is None:
@@ -746,7 +771,8 @@ CORR_LAYERS = ("layer3", "layer2")  # EFCNet's corr_layer
 
 
 def build_model(method, num_classes, backbone="resnet50", flow_backbone="resnet18", max_displacement=20,
-                corr_stride=2, context="psp", flow_context="fcn", corr_layer="layer3", match_input=False):
+                corr_stride=2, context="psp", flow_context="fcn", corr_layer="layer3", match_input=False,
+                pass_through=False):
     """The network of a training method (train.py's --method; checkpoints store these arguments):
       psp       PSPNet, the image-only baseline of both papers; with context 'fcn' the same network
                 without its pyramid pooling (Flow2Seg Table 3's "ResNet101-FCN")
@@ -764,7 +790,7 @@ def build_model(method, num_classes, backbone="resnet50", flow_backbone="resnet1
     if method == "flow2seg":
         return Flow2SegNet(num_classes, backbone, flow_backbone, flow_context=flow_context)
     if method in ("efc", "flow"):
-        return EFCNet(num_classes, backbone, max_displacement, corr_stride, corr_layer, match_input)
+        return EFCNet(num_classes, backbone, max_displacement, corr_stride, corr_layer, match_input, pass_through)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 

@@ -390,6 +390,25 @@ def test_match_input_gives_the_stride8_layers_the_soft_argmax_in_flownet_units()
     assert seen["x"][0, -1, 3:5, 4:8].min() > 0.9  # random features: one clear match
 
 
+def test_pass_through_init_hands_the_cost_volumes_answer_down_to_stride_4():
+    """pass_through + match_input: an untrained decoder already outputs the soft-argmax shift at
+    strides 8 and 4 (2 stride-8 cells = 4 stride-4 pixels); FlowNet's init outputs about zero. The
+    bilinear upsampling keeps a constant flow constant."""
+    torch.manual_seed(0)
+    S1 = torch.randn(1, 64, 8, 12)
+    S2 = torch.roll(S1, shifts=2, dims=3)  # everything 2 feature pixels to the right
+    f4 = torch.randn(1, 16, 16, 24)
+    with torch.no_grad():
+        plain = model.FlowDecoder(64, 16, 4, 1, match_input=True)(S1, S2, f4, (64, 96))[0]
+        passed = model.FlowDecoder(64, 16, 4, 1, match_input=True, pass_through=True)(S1, S2, f4, (64, 96))[0]
+        up = model.FlowDecoder(64, 16, 4, 1, pass_through=True).upsampled_flow3_to_2(torch.full((1, 2, 5, 5), 3.0))
+    assert plain[0][0, 0].abs().max() < 0.5
+    u8, u4 = passed[1][0, 0, 3:5, 4:8], passed[0][0, 0, 6:10, 8:16]  # interior cells
+    assert (u8 - 2.0).abs().max() < 0.3 and (u4 - 4.0).abs().max() < 0.5
+    assert passed[0][0, 1, 6:10, 8:16].abs().max() < 0.5  # no vertical motion
+    assert torch.allclose(up[..., 1:-1, 1:-1], torch.full_like(up[..., 1:-1, 1:-1], 3.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # Flow2Seg Table 2's context modules on the flow path, Table 3's image-only FCN
 # ---------------------------------------------------------------------------------------------

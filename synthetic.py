@@ -31,6 +31,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+try:
+    import fcntl  # the lock of write_world_once (POSIX); without it concurrent first runs are not serialised
+except ImportError:
+    fcntl = None
+
 from data import (BICYCLE, BUILDING, CAR_MOVING, CAR_PARKED, INCOMPLETE_MARKER, LABELLED_INDEX, PERSON, ROAD,
                   SIDEWALK, SKY, SNIPPET_LENGTH, SYNTH_CLASSES, SYNTH_DEFAULT_ROOT, SYNTH_FOLDERS, SYNTH_PALETTE,
                   VEGETATION, _cityscapes_labelled, _lut, colorize, flow_to_color, one_line_errors, progress,
@@ -453,6 +458,42 @@ def make_synthetic_world(out=SYNTH_DEFAULT_ROOT, num_train=40, num_val=10, size=
             "snippet_length": SNIPPET_LENGTH, "labelled_index": LABELLED_INDEX}
     (out / "classes.json").write_text(json.dumps(info, indent=1) + "\n")
     (out / INCOMPLETE_MARKER).unlink()
+    return out
+
+
+def is_complete_world(root):
+    """True for a folder holding a finished world (classes.json written last, no INCOMPLETE_MARKER)."""
+    root = Path(root)
+    return (root / "classes.json").is_file() and not (root / INCOMPLETE_MARKER).exists()
+
+
+def write_world_once(out=SYNTH_DEFAULT_ROOT, log=print, **world):
+    """The world at `out`, written by one run even when several start at once (two terminals, a
+    test runner): a lock file beside `out` lets one writer in; the others wait, then find the world
+    written. The writer fills a temporary folder beside `out` and renames it into place, so no run
+    ever reads half a world. A writer killed midway leaves its temporary folder, removed by the next
+    writer (it holds the lock, so nobody else is writing there); an incomplete world at `out` (from
+    `synthetic.py synth` interrupted) is replaced. `world`: make_synthetic_world's keywords."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"waiting for another run that is writing the synthetic world to {out} ...")
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when that run's file closes, even if it was killed
+        if is_complete_world(out):
+            return out
+        log(f"writing the synthetic world to {out} once (`python synthetic.py synth`; 20-25 s on 2 cores, 221 MB "
+            "at the default size) ...")
+        for stale in out.parent.glob(f".{out.name}.writing-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.parent / f".{out.name}.writing-{os.getpid()}"
+        make_synthetic_world(tmp, **world)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
     return out
 
 

@@ -239,3 +239,42 @@ def test_the_command_line_writes_a_world_and_its_preview(world, tmp_path, monkey
     with pytest.raises(SystemExit):  # an existing world is not overwritten silently
         synthetic.main()
     assert "not empty" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- two runs that need the world at once
+WRITER = ("import sys, synthetic\n"
+          "real = synthetic.make_synthetic_world\n"
+          "def counted(*a, **k):\n"
+          "    print('WROTE', flush=True)\n"
+          "    return real(*a, **k)\n"
+          "synthetic.make_synthetic_world = counted\n"
+          "synthetic.write_world_once(sys.argv[1], num_train=2, num_val=1, size=(32, 48), workers=1)\n"
+          "print(len(list(synthetic.Path(sys.argv[1]).rglob('*.png'))), flush=True)\n")
+
+
+def test_two_runs_at_once_write_the_world_once_and_both_read_all_of_it(tmp_path):
+    out = tmp_path / "data" / "synthetic"
+    runs = [subprocess.Popen([sys.executable, "-c", WRITER, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err for _, err in results]
+    outputs = [stdout.split() for stdout, _ in results]
+    assert sum(o.count("WROTE") for o in outputs) == 1  # one writer; the other waited or found it written
+    files = 3 * (2 * SNIPPET_LENGTH + 1 + 3 * (SNIPPET_LENGTH - 1))
+    assert [int(o[-1]) for o in outputs] == [files, files]  # each run saw the whole world
+    assert synthetic.is_complete_world(out) and sorted(p.name for p in out.parent.iterdir()) == [
+        ".synthetic.lock", "synthetic"]  # no temporary folder left
+
+
+def test_the_next_writer_clears_a_killed_writers_folder_and_replaces_an_incomplete_world(tmp_path):
+    out = tmp_path / "w"
+    (tmp_path / ".w.writing-12345" / "gtFine").mkdir(parents=True)  # a writer killed midway
+    out.mkdir()
+    (out / data.INCOMPLETE_MARKER).write_text("interrupted\n")  # `synthetic.py synth` interrupted
+    messages = []
+    synthetic.write_world_once(out, messages.append, num_train=1, num_val=0, size=SIZE, workers=1)
+    assert synthetic.is_complete_world(out) and not data.world_is_incomplete(out)
+    assert not (tmp_path / ".w.writing-12345").exists() and len(messages) == 1 and "writing" in messages[0]
+    before = (out / "classes.json").stat().st_mtime_ns
+    synthetic.write_world_once(out, messages.append)  # complete: used as it is, nothing written
+    assert (out / "classes.json").stat().st_mtime_ns == before and len(messages) == 1

@@ -137,8 +137,12 @@ def load_checkpoint(path, device="cpu"):
     # context / flow_context (train.py --context / --flow-context) are absent from checkpoints made
     # before they existed, whose networks are the defaults: PSPNet, and Flow2Seg's FCN flow path.
     context, flow_context = config.get("context", "psp"), config.get("flow_context", "fcn")
+    # corr_layer / match_input (train.py --corr-layer / --match-input) likewise: older flow decoders
+    # correlate layer3 and read no soft-argmax.
     net = models.build_model(method, config["num_classes"], config["backbone"], config["flow_backbone"],
-                             config["max_displacement"], config["corr_stride"], context, flow_context)
+                             config["max_displacement"], config["corr_stride"], context, flow_context,
+                             config.get("corr_layer", "layer3"), bool(config.get("match_input", False)),
+                             bool(config.get("pass_through", False)))
     try:
         net.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
@@ -694,7 +698,8 @@ def evaluate_consistency(model, method, sequence, device, max_items=None, infere
     agree = counted = agree_labels = counted_labels = pairs = 0
     previous = None  # ((snippet, frame index), prediction) of the last segmented frame
     count = _count(sequence, max_items)
-    for index in data.progress(range(count), count, "temporal consistency: pairs"):
+    # The progress counts the frames segmented (29 per snippet); the result, the pairs compared (28).
+    for index in data.progress(range(count), count, "temporal consistency: frames segmented"):
         item = _batch(sequence[index], device)
         s, i = int(item["snippet"]), int(item["i"])
         flow = None

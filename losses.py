@@ -33,11 +33,8 @@ BETA = 0.85  # EFC eq. (6), following Yin and Shi 2018
 ALPHA_OCC = 0.2  # EFC eq. (4), "0.2 is the best"
 SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # Wang et al. 2004 with a dynamic range of 1
 # EFC writes exp(-|grad I|) without a constant. On [0, 1] images neighbouring pixels differ by
-# 0.01-0.1, so exp(-|dI|) stays in [0.9, 1] and sees no edges. UFlow's 150 (ARFlow: 10): a car's
-# outline, a step of 0.1-0.3 blurred over 2-3 pixels, must make the flow's jump there cheap. With 10,
-# the true flow of the synthetic world cost more than a per-pair constant pan (L_pm + 0.5 L_sm over
-# 24 training crops: 0.193 vs 0.145), so the loss taught the flow to ignore moving cars; with 150,
-# 0.121 vs 0.145, and a flow fitted to one batch separated its pairs' pans twice as fast.
+# 0.01-0.1, so exp(-|dI|) stays in [0.9, 1] and sees no edges: a car's outline must make the flow's
+# jump there cheap. UFlow's 150 (ARFlow: 10; docs/learning.md#choices-measured-on-the-world).
 EDGE_WEIGHT = 150.0
 NORM_EPS = 1e-6  # sqrt(sum d^2 + eps): finite gradient at d = 0, a bias of at most 1e-3 per pixel
 AUX_WEIGHT = 0.4  # PSPNet's auxiliary loss (Zhao et al. 2017), also Flow2Seg's beta

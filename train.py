@@ -29,12 +29,16 @@ index) (see SeededItems), so a run resumed from a checkpoint continues exactly a
 run would (bitwise on the CPU; on GPUs, up to nondeterministic kernels such as scatter-add).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import resource
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,7 +53,7 @@ import data
 import evaluate
 import losses
 import synthetic
-from model import FLOW_CONTEXTS, METHODS, build_model, load_pretrained
+from model import CORR_LAYERS, FLOW_CONTEXTS, METHODS, build_model, load_pretrained
 
 # ---------------------------------------------------------------------------------------------
 # Recipes. Every flag left unset takes its value from the recipe ("quick": the synthetic world on a
@@ -62,28 +66,26 @@ from model import FLOW_CONTEXTS, METHODS, build_model, load_pretrained
 QUICK = {"backbone": "resnet18", "flow_backbone": "resnet18", "crop": [96, 96], "batch": 4,
          "iterations": 200, "pairs_per_snippet": 10, "workers": 1, "val_every": 100, "val_items": 60,
          "log_every": 10, "ckpt_every": 100, "max_displacement": 4, "corr_stride": 1, "max_gap": 2,
-         "flow_warmup": 100, "flow_lr_mult": 1.0, "cons_weight": 0.01}
+         "flow_warmup": 100, "flow_lr_mult": 1.0, "cons_weight": 0.01, "corr_layer": "layer3", "match_input": False,
+         "pass_through": False}
 PAPER_EFC = {"backbone": "resnet101", "flow_backbone": "resnet18", "optimizer": "sgd", "lr": 0.01,
              "weight_decay": 1e-4, "crop": [713, 713], "batch": 16, "iterations": 120_000,
              "pairs_per_snippet": 10, "workers": 8, "val_every": 5000, "val_items": None, "log_every": 50,
              "ckpt_every": 2000, "max_displacement": 20, "corr_stride": 2, "max_gap": 5, "flow_warmup": 0,
-             "flow_lr_mult": 0.1, "cons_weight": losses.EFC_WEIGHTS["cons"]}
+             "flow_lr_mult": 0.1, "cons_weight": losses.EFC_WEIGHTS["cons"], "corr_layer": "layer3",
+             "match_input": False, "pass_through": False}
 PAPER_FLOW2SEG = {**PAPER_EFC, "optimizer": "adam", "lr": 2e-5, "crop": [832, 832], "batch": 8,
                   "iterations": 100_000}
 OPTIMIZER = {  # quick recipe: the papers' optimisers
     "psp": ("sgd", 0.01), "efc": ("adam", 1e-4), "flow": ("adam", 1e-4), "flow2seg": ("adam", 2e-5 * 10),
 }
-# The quick recipe's lambda_cons is 0.01, the paper's 10: with the paper's plain norm over the 256
-# channels of ResNet-18's layer3, lambda 10 gives L_cons 15-45x the gradient of L_seg on the shared
-# encoder of a 400-iteration run, and L_cons pulls each frame's features towards its neighbour's
-# warped by a flow still ~3.8 px (half a feature cell) off. EFC's mIoU, look-alike cars merged, over
-# 280 val frames (docs/learning.md): 59.7 % at lambda 0.1, 62.5 % at 0.01, 62.8 % without L_cons;
-# the PSPNet 62.2 %. (At 10: 41.5 % mIoU on the 10 labelled frames, the PSPNet 53.1 %.)
-# EFC and its flow branch use Adam 1e-4 in the quick recipe, the flow decoder at the same lr
-# (flow_lr_mult 1): with EFC's SGD (lr 0.01, decoder x 0.1) the warm-up did not teach the decoder to
-# read its cost volume within 200 iterations (val EPE 6.15 px, zero flow 6.09); with Adam 1e-4, 4.02.
-# On the synthetic world from scratch, 2e-5 (a fine-tuning rate for ImageNet-initialised networks)
-# learns little in 200 iterations; the quick recipe uses 2e-4. The paper recipe keeps 2e-5.
+# Where the quick recipe leaves the papers' values, and why (the measurements:
+# docs/learning.md#choices-measured-on-the-world):
+#   lambda_cons 0.01, not 10: at 10, L_cons's gradient on a small encoder is 15-45x L_seg's, and it
+#       ties features through a flow still half a feature cell off;
+#   Adam 1e-4 for efc and flow, the flow decoder at the full lr: with EFC's SGD the warm-up does not
+#       teach the decoder to read its cost volume within the budget;
+#   Flow2Seg 2e-4, not 2e-5: 2e-5 is a fine-tuning rate for ImageNet starts, and learns little here.
 
 # EFC Tables 1 and 2: name -> (method, efc_loss switches, pairs per snippet, pairs with the labelled
 # frame, pair mode). The paper is silent on how often pairs are drawn; the modes
@@ -111,11 +113,9 @@ ABLATIONS = {
 }
 
 
-def parse_args(argv=None):
-    """The command line -> args, complete: a flag left unset takes the recipe's value (QUICK, or
-    PAPER_EFC / PAPER_FLOW2SEG with --recipe paper; the optimiser from OPTIMIZER), a resumed run takes
-    the settings of its checkpoint (resume_settings), and combinations that cannot mean anything
-    stop here with one line rather than after the data is read or the network is built."""
+def build_parser():
+    """Every flag of train.py. A flag whose default is None takes the recipe's value in parse_args;
+    the help of each shows it (recipe_help)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False,  # explicit_flags reads the command line by full names
                                 epilog="Unset flags take the recipe's value (see the docstring of train.py and docs/training.md).")
@@ -130,6 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--flow-init", metavar="CKPT",
                    help="--ablation tcc-fix: a trained flow/efc checkpoint whose whole flow network (its encoder "
                         "too) is kept fixed and supplies the flow")
+    # Which data, and which frames EFC pairs ("Implementation Details": t in [1, 5], ten pairs a snippet).
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["synthetic", "cityscapes", "camvid", "kitti"], default="synthetic",
                    help="kitti: unsupervised flow on KITTI 2015 multiview frames (method flow only)")
@@ -175,9 +176,25 @@ def parse_args(argv=None):
                         "joint: all of eq. (1)")
     g.add_argument("--max-displacement", type=int, help="EFC correlation range in stride-8 pixels")
     g.add_argument("--corr-stride", type=int, help="EFC correlation displacement stride")
+    g.add_argument("--corr-layer", choices=CORR_LAYERS,
+                   help="encoder output the EFC correlation compares: layer3 (S) or layer2 (FlowNetC's conv3 stage)")
+    g.add_argument("--match-input", action=argparse.BooleanOptionalAction,
+                   help="feed the cost volume's soft-argmax flow and peak to the flow decoder's stride-8 layers "
+                        "(not in EFC; docs/choices.md)")
+    g.add_argument("--flow-pass-through", dest="pass_through", action=argparse.BooleanOptionalAction,
+                   help="start the flow decoder's upsamplings bilinear and its predict_flow layers as the identity "
+                        "on the flow they are given (not in EFC; docs/choices.md)")
     g.add_argument("--no-world-init", action="store_true",
                    help="quick recipe on the synthetic world: start efc / flow / flow2seg from scratch instead of "
                         "from a PSPNet trained on the world (see world_encoder)")
+    add_run_flags(p)
+    recipe_help(p)
+    return data.one_line_errors(p)
+
+
+def add_run_flags(p):
+    """build_parser's optimisation and run flags."""
+    # The papers' optimisers and loss weights (EFC eq. (9)); unset flags take the recipe's values.
     g = p.add_argument_group("optimisation")
     g.add_argument("--iterations", type=int, help="training iterations")
     g.add_argument("--batch", type=int, help="global batch, split over processes (efc: items of a labelled + an unlabelled pair)")
@@ -202,6 +219,8 @@ def parse_args(argv=None):
     g.add_argument("--flow-supervised", action="store_true",
                    help="diagnostic (--method flow, synthetic world): train the same flow decoder on the true flow "
                         "(EPE) instead of the unsupervised losses, to tell the decoder's capacity from the losses'")
+    # Where and how a run executes and what it writes; those in RESUME_FREE (device, workers,
+    # logging, checkpoints, speed flags) may differ when the run is resumed.
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default runs/METHOD)")
     g.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly where its checkpoint stopped")
@@ -220,8 +239,14 @@ def parse_args(argv=None):
     g.add_argument("--stop-after", type=int, metavar="N",
                    help="stop (with a checkpoint) after N iterations of this invocation, e.g. to fit a cluster's "
                         "time limit; --resume continues as if never stopped")
-    recipe_help(p)
-    data.one_line_errors(p)
+
+
+def parse_args(argv=None):
+    """The command line -> args, complete: a flag left unset takes the recipe's value (QUICK, or
+    PAPER_EFC / PAPER_FLOW2SEG with --recipe paper; the optimiser from OPTIMIZER), a resumed run takes
+    the settings of its checkpoint (resume_settings), and combinations that cannot mean anything
+    stop here with one line rather than after the data is read or the network is built."""
+    p = build_parser()
     args = p.parse_args(argv)
 
     explicit_warmup = args.flow_warmup is not None  # read before the recipe fills it in
@@ -230,17 +255,13 @@ def parse_args(argv=None):
         recipe = dict(PAPER_FLOW2SEG if args.method == "flow2seg" else PAPER_EFC)
     else:
         recipe["optimizer"], recipe["lr"] = OPTIMIZER[args.method]
-    # The flow branch alone (quick recipe) keeps the world-trained encoder fixed: with no L_seg, the
-    # photometric loss alone moved the features its correlation matches, and its flow drifted after
-    # the warm-up (val EPE 3.61 px at 300 iterations, 4.44 at 400, F(a, a) growing); with the
-    # encoder frozen it kept improving (4.67, 4.02, 3.41 at 200, 300, 400). EFC keeps L_seg.
+    # The flow branch alone (quick recipe) keeps the world-trained encoder fixed: with no L_seg to
+    # hold them, the photometric loss moves the very features its correlation matches, and the flow
+    # drifts after the warm-up (docs/learning.md#choices-measured-on-the-world). EFC keeps L_seg.
     recipe["freeze"] = "seg" if args.recipe == "quick" and args.method == "flow" else ""
-    # The quick recipe trains the unsupervised flow (efc, flow) on whole frames of the default world.
-    # On 96x96 crops the stride-8 features are 12x12 cells, most of them within reach of the
-    # encoder's zero padding, which looks alike in both frames: the correlation's own flow then
-    # shrinks the camera pan (slope 0.47 of the true per-crop pan; 0.77 on whole frames), and so did
-    # the flow learned from it (slope 0.33). UL + OE after 400 iterations: 3.59 px on 96x96 crops,
-    # 2.87 px on whole frames without padding, 1.5x the time per item (docs/learning.md).
+    # The unsupervised flow (efc, flow) trains on whole frames of the world: a 96x96 crop is 12x12
+    # stride-8 cells, most within reach of the encoder's zero padding, which looks alike in both
+    # frames and so votes for zero motion (docs/learning.md#choices-measured-on-the-world).
     if args.recipe == "quick" and args.method in ("efc", "flow") and args.dataset == "synthetic":
         recipe["crop"] = list(synthetic.FRAME_SIZE)
     for key, value in recipe.items():
@@ -419,9 +440,8 @@ def training_dataset(args):
     """The training set of a method and dataset, with the joint augmentation (data.JointTransform)."""
     # No padding where the flow learns from photometric losses (efc, flow): padded pixels (the image
     # scaled below the crop, a rotated frame's corners) are black in both frames at the same place, a
-    # static pattern with sharp edges that L_pm scores best at zero flow. With the default scale
-    # [0.5, 2] and +-10 degrees they were 6 % of the pixels of 96x96 crops of the world (17 % of full
-    # frames), and they pulled the learned pan towards zero (docs/learning.md).
+    # static pattern with sharp edges that L_pm scores best at zero flow, so they pull the learned
+    # motion towards zero (how much: docs/learning.md#choices-measured-on-the-world).
     photometric = args.method in ("efc", "flow") and not args.flow_supervised
     unpadded = dict(pad=False, rotate=0.0) if photometric else {}
     transform = data.JointTransform(crop=args.crop, train=not args.no_augment, **unpadded)
@@ -486,7 +506,7 @@ def fill_flow_dir(checkpoint, root, out_dir, device, frames=None):
 WORLD_INIT_ITERATIONS = 200  # the quick recipe's PSPNet run
 
 
-def world_encoder(args, world, log):
+def world_encoder(args, world, log, outer_command=None):
     """The encoder the quick recipe starts efc, flow and flow2seg from on the synthetic world: a
     PSPNet trained on the world (`python train.py --method psp`, 200 iterations), run once per
     (backbone, seed, world) and cached in runs/world-init/. Returns its checkpoint, or None where it
@@ -494,11 +514,11 @@ def world_encoder(args, world, log):
     / --resume).
 
     Why: both papers start from ImageNet-pretrained ResNets, and EFC's flow decoder correlates the
-    encoder's layer3 features. A randomly initialised encoder's features do not match across
-    frames (the soft-argmax of their correlation was uncorrelated with the true pan: r = -0.2 over
-    10 val pairs); after 200 iterations of PSPNet training on the world, r = 0.85. No ImageNet file
-    can ship with the code, so the world itself pretrains the encoder; with real data, give
-    --pretrained FILE instead.
+    encoder's layer3 features, which must already match across frames: a random encoder's do not
+    (docs/learning.md#choices-measured-on-the-world). No ImageNet file can ship with the code, so the
+    world itself pretrains the encoder; with real data, give --pretrained FILE instead.
+    A stage stopped by Ctrl-C or SIGTERM continues from its checkpoint when the run is started
+    again (outer_command, the command its stop line names).
     """
     if (args.recipe != "quick" or args.dataset != "synthetic" or args.method not in ("efc", "flow", "flow2seg")
             or args.no_world_init or args.init or args.pretrained or args.resume):
@@ -517,8 +537,13 @@ def world_encoder(args, world, log):
             log(f"encoder: {path}, a PSPNet trained on the world (cached; made by `python train.py "
                 f"{' '.join(command)}`)")
             return str(path)
-        log(f"encoder: {path} does not match this run (unfinished, or another backbone or world): retraining it")
-        command.append("--overwrite")
+        if (ckpt["method"] == "psp" and "optimizer" in ckpt and config["iterations"] == WORLD_INIT_ITERATIONS
+                and config["backbone"] == args.backbone and Path(config["data_root"]).resolve() == root):
+            log(f"encoder: continuing the PSPNet stage stopped at iteration {ckpt['iteration']} ({path})")
+            command = ["--method", "psp", "--resume", str(path)] + (["--device", args.device] if args.device else [])
+        else:
+            log(f"encoder: {path} does not match this run (another backbone, world or length): retraining it")
+            command.append("--overwrite")
     elif (folder / "log.jsonl").exists():  # a first attempt killed before its first checkpoint
         command.append("--overwrite")
     printed = "python train.py " + " ".join(command)
@@ -526,7 +551,7 @@ def world_encoder(args, world, log):
         raise SystemExit(f"the quick recipe starts {args.method} from a PSPNet trained on the world: run "
                          f"`{printed}` once before torchrun (or pass --no-world-init)")
     log(f"encoder: training a PSPNet on the world first: `{printed}`")
-    main(command)
+    main(command, stage_of=outer_command)
     log(f"encoder: {path} done; now {args.method}")
     return str(path)
 
@@ -544,6 +569,8 @@ def initialise(net, args, log):
     for path in args.init:
         ckpt = read_checkpoint(path)
         state, source = ckpt["model"], ckpt["method"]
+        # A PSPNet is a part of the other networks: its names gain the prefix of that part (Flow2Seg's
+        # image path, EFC's segmentation branch, whose layers 1-3 are the shared encoder).
         if source == "psp" and args.method == "flow2seg":
             state = {"image." + k: v for k, v in state.items()}
         elif source == "psp" and args.method in ("efc", "flow"):
@@ -559,7 +586,7 @@ def initialise(net, args, log):
         if bad:
             raise SystemExit(f"--init {path}: {len(bad)} tensors do not fit this {args.method} network "
                              f"(e.g. {bad[:3]}); check --backbone / --flow-backbone / --context / --flow-context")
-        net.load_state_dict(state, strict=False)
+        net.load_state_dict(state, strict=False)  # the rest (a flow decoder, a fusion module) keeps its init
         log(f"--init {path}: loaded {len(state)} of {len(own)} tensors from a {source} checkpoint")
 
 
@@ -777,28 +804,31 @@ def compute_loss(net, batch, args, iteration, flow_net=None):
     float32 inside. flow_net: TCC_fix's fixed flow network (an EFCNet in eval mode), whose flow and
     occlusion replace the trained network's (whose flow decoder then does not run)."""
     batch = merge_companions(batch)
-    if args.method == "psp":
+    if args.method == "psp":  # EFC eq. (8) alone, with PSPNet's auxiliary loss (weight 0.4)
         out = net(batch["image"])
         total = losses.segmentation_loss(out["logits"], batch["label"], out["aux"])
         return total, {"seg": total.detach()}
-    if args.method == "flow2seg":
+    if args.method == "flow2seg":  # Flow2Seg eq. (1); batch["flow"] is F_t->t-1 of the labelled frame t
         out = net(batch["image"], batch["flow"])
         total, terms = losses.flow2seg_loss(out, batch["label"])
         if args.flow2seg_stage == "flow-path":  # the flow path alone: L_Flow2Seg (its eq. (1) term)
             total = losses.segmentation_loss(out["flow_logits"], batch["label"])
         return total, terms
-    if args.flow_supervised:
+    if args.flow_supervised:  # the diagnostic: the same decoder regressed on the true flows of both directions
         out = net(batch["image_a"], batch["image_b"], segment=False)
         total = losses.flow_regression_loss(out, batch["flow_fw"], batch["flow_bw"], batch["flow_fw_valid"],
                                             batch["flow_bw_valid"])
         return total, {"epe": total.detach()}
+    # EFC eq. (9): a pair (I_a, I_b) through both branches; the ablation row decides which terms run.
     switches = dict(ABLATIONS[args.ablation][1]) if args.ablation else {}
     if args.method == "flow":
         switches.setdefault("flow_only", True)
+    # During the warm-up the decoder regresses its correlation's own flow (losses.efc_loss explains why);
+    # the segmentation terms train as usual.
     warmup = iteration < args.flow_warmup
     out = net(batch["image_a"], batch["image_b"], segment=not switches.get("flow_only", False),
               warmup=warmup, flow=flow_net is None)
-    if flow_net is not None:
+    if flow_net is not None:  # TCC_fix: the fixed network's flow and occlusion, no gradient into them
         with torch.no_grad():
             fixed = flow_net(batch["image_a"], batch["image_b"], segment=False)
         out.update({key: fixed[key] for key in ("flow_ab", "flow_ba", "occ_a", "occ_b")})
@@ -849,19 +879,30 @@ def start_processes(args):
 
 
 def ensure_data_root(args, world, is_main, log):
-    """The synthetic world is written on first use (and again if an earlier writer was killed), by
-    rank 0 while the other ranks wait; any other dataset must already be where --data-root says."""
-    incomplete = args.dataset == "synthetic" and data.world_is_incomplete(args.data_root)
-    if args.dataset == "synthetic" and (not Path(args.data_root).is_dir() or incomplete):
-        if is_main:
-            log(f"{args.data_root} is an incomplete synthetic world (interrupted): writing it again ..." if incomplete
-                else f"writing the synthetic world to {args.data_root} (python synthetic.py synth, about 25 s) ...")
-            synthetic.make_synthetic_world(args.data_root, overwrite=incomplete)
-        if world > 1:
-            dist.barrier()
-    elif not Path(args.data_root).is_dir():
-        raise SystemExit(f"--data-root {args.data_root}: no such folder (expected the {args.dataset} layout; "
-                         "see docs/data.md)")
+    """--data-root must hold its dataset. The synthetic world is written without asking only at its
+    default place, data/synthetic (synthetic.write_world_once: once, however many runs start at once;
+    rank 0 writes while the other ranks wait): a world elsewhere is written by `synthetic.py synth`,
+    so that a misspelled --data-root stops here instead of filling the disk with a second world."""
+    root = Path(args.data_root)
+    synthetic_world = args.dataset == "synthetic"
+    if synthetic_world and root.resolve() == Path(data.SYNTH_DEFAULT_ROOT).resolve():
+        if not synthetic.is_complete_world(root):
+            if is_main:
+                synthetic.write_world_once(root, log)
+            if world > 1:
+                dist.barrier()
+        return
+    write = f"python synthetic.py synth --out {root}"
+    if not root.is_dir():
+        raise SystemExit(f"--data-root {root}: no such folder" + (
+            f"; write a synthetic world there with `{write}`, or drop the flag for {data.SYNTH_DEFAULT_ROOT}"
+            if synthetic_world else f" (expected the {args.dataset} layout; see docs/data.md)"))
+    if synthetic_world and data.world_is_incomplete(root):
+        raise SystemExit(f"--data-root {root}: an incomplete synthetic world (its writer was interrupted); write "
+                         f"it again with `{write} --overwrite`")
+    if synthetic_world and not (root / "classes.json").is_file():
+        raise SystemExit(f"--data-root {root}: not a synthetic world (no classes.json); write one with `{write}` "
+                         "into an empty folder, or give --dataset cityscapes / camvid / kitti for real data")
 
 
 def claim_run_folder(args, out, is_main):
@@ -870,8 +911,12 @@ def claim_run_folder(args, out, is_main):
     log records after its checkpoint, since it repeats those iterations."""
     previous = [name for name in ("ckpt.pt", "best.pt", "log.jsonl") if (out / name).exists()]
     if previous and not args.resume and not args.overwrite:
-        raise SystemExit(f"--out {out} already holds a run ({', '.join(previous)}): continue it with "
-                         f"--resume {out / 'ckpt.pt'}, or start again there with --overwrite")
+        if "ckpt.pt" in previous:  # the hint names a file only where it exists
+            raise SystemExit(f"--out {out} already holds a run ({', '.join(previous)}): continue it with "
+                             f"`{command_line(args, '--method', args.method, '--resume', str(out / 'ckpt.pt'))}`, "
+                             "or start again there with --overwrite")
+        raise SystemExit(f"--out {out} holds the log of a run stopped before its first checkpoint (nothing to "
+                         "resume): start again there with --overwrite, or choose another --out")
     if args.resume and args.overwrite:
         raise SystemExit("--resume continues a run and --overwrite starts one afresh: choose one")
     if is_main:
@@ -883,13 +928,13 @@ def claim_run_folder(args, out, is_main):
             truncate_log(out / "log.jsonl", read_checkpoint(args.resume)["iteration"])
 
 
-def build_training(args, world, rank, device, log):
+def build_training(args, world, rank, device, log, outer_command):
     """The network, its optimizer and where the run starts -> dict with 'bare' (the network itself:
     checkpoints and validation read it), 'model' (what the loop calls: DDP- and compile-wrapped as
     asked), 'optimizer', 'flow_net' (TCC_fix's frozen flow network or None), 'clipped' (the
     parameters --clip-grad bounds), 'device', 'start', 'best', 'best_iteration' (from --resume, else
-    0 / None)."""
-    encoder = world_encoder(args, world, log)
+    0 / None), 'pending_validation' (a validation the resumed run owes first)."""
+    encoder = world_encoder(args, world, log, outer_command)
     if encoder is not None:
         args.init = [encoder]
     resume = read_checkpoint(args.resume) if args.resume else None
@@ -897,7 +942,8 @@ def build_training(args, world, rank, device, log):
         raise SystemExit(f"--resume {args.resume}: a {resume['method']} checkpoint, not {args.method}")
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every rerun
     net = build_model(args.method, args.num_classes, args.backbone, args.flow_backbone, args.max_displacement,
-                      args.corr_stride, args.context, args.flow_context)
+                      args.corr_stride, args.context, args.flow_context, args.corr_layer, args.match_input,
+                      args.pass_through)
     if args.no_dropout:  # dropout masks are the one thing that differs between 1 and N processes
         for module in net.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -920,12 +966,9 @@ def build_training(args, world, rank, device, log):
         # each rank continues its own random stream (dropout); a run resumed on more ranks than it
         # was saved with gives the new ranks rank 0's
         set_rng_state(resume["rng"][rank] if rank < len(resume["rng"]) else resume["rng"][0])
-    # --clip-grad bounds EFC's flow decoder only, the reason it exists: its warm-up regression and
-    # unsupervised losses give it gradient norms of 10-180, the rest of the network 6-10 (measured).
-    # One norm over the whole network scaled the segmentation path's gradient by the decoder's (x0.06-0.1
-    # during the warm-up, x0.45-0.8 after it: a jump that Adam, whose second moment remembers the
-    # warm-up, takes as steps several times the lr), and EFC's mIoU stalled while the PSPNet's, never
-    # clipped, rose. Other methods clip every parameter when asked.
+    # --clip-grad bounds EFC's flow decoder only, the reason it exists (its gradients are 10-20x the
+    # rest's early on): one norm over the whole network would scale the segmentation path's gradient
+    # by the decoder's (docs/learning.md#choices-measured-on-the-world). Other methods clip every parameter.
     clipped = clipped_parameters(net, args.method)
     model = net
     if world > 1:
@@ -938,7 +981,10 @@ def build_training(args, world, rank, device, log):
     if args.compile:
         model = torch.compile(model)
     return {"bare": net, "model": model, "device": device, "optimizer": optimizer, "flow_net": flow_net, "clipped": clipped,
-            "start": start, "best": best, "best_iteration": best_iteration}
+            "start": start, "best": best, "best_iteration": best_iteration,
+            # a run stopped during a validation (its checkpoint written just before, without numbers)
+            "pending_validation": resume is not None and resume.get("metrics") is None and (
+                start == args.iterations or bool(args.val_every and start % args.val_every == 0))}
 
 
 def clipped_parameters(net, method):
@@ -954,10 +1000,10 @@ def train_step(run, batch, args, iteration, world, out):
     same numbers and takes the same decisions (a process stopping alone would leave the others
     waiting in the next collective)."""
     optimizer = run["optimizer"]
-    lr = poly_lr(optimizer, args, iteration)
+    lr = poly_lr(optimizer, args, iteration)  # set from the iteration alone: a resumed run needs no scheduler
     with torch.autocast(run["device"].type, dtype=torch.bfloat16, enabled=args.amp):
         total, terms = compute_loss(run["model"], batch, args, iteration, run["flow_net"])
-    names = sorted(terms)
+    names = sorted(terms)  # a fixed order, the same on every process, for the one all_reduce below
     values = torch.stack([total.detach().float()] + [terms[n].float() for n in names])
     if world > 1:
         dist.all_reduce(values)
@@ -970,8 +1016,8 @@ def train_step(run, batch, args, iteration, world, out):
                          f"stopping. The last checkpoint, {out / 'ckpt.pt'}, is from before this iteration "
                          "and was checked finite when saved.")
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    if args.clip_grad:
+    total.backward()  # under DDP the gradients are averaged over the processes here
+    if args.clip_grad:  # EFC's flow decoder alone for efc / flow (build_training says why)
         torch.nn.utils.clip_grad_norm_(run["clipped"], args.clip_grad)
     optimizer.step()
     return lr, values, names
@@ -1004,7 +1050,8 @@ def summarise(args, out, end, best_iteration, seconds, log):
     """The end of a run (rank 0): where it stopped and how to continue (--stop-after), or the curves
     picture and where the checkpoint, the best weights and the log are."""
     if end < args.iterations:
-        log(f"stopped after iteration {end} (--stop-after); continue with --resume {out / 'ckpt.pt'}")
+        log(f"stopped after iteration {end} (--stop-after); continue with: "
+            f"{command_line(args, '--method', args.method, '--resume', str(out / 'ckpt.pt'))}")
         return
     try:
         log(f"curves: {evaluate.draw_curves(out / 'log.jsonl', out / 'curves.png')}")
@@ -1015,24 +1062,212 @@ def summarise(args, out, end, best_iteration, seconds, log):
     log(f"done in {seconds / 60:.1f} min. checkpoint {out / 'ckpt.pt'} (best: {where}), log {out / 'log.jsonl'}")
 
 
-def main(argv=None):
-    """A training run: processes, data, run folder, network (build_training), then the loop of
-    train_step with logging, checkpoints (before every validation, so a failing validation loses no
-    training) and validations, and a summary. Every process runs this; rank 0 alone writes."""
-    args = parse_args(argv)
-    world, rank, device = start_processes(args)
-    out = Path(args.out)
-    is_main = rank == 0  # rank 0 alone prints, writes the log and checkpoints, and validates
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: the run ends after the iteration in progress, with its checkpoint, in one line
+# ---------------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """Raised by the signal handler where dropping the work in progress loses nothing."""
 
-    def log(message):
-        if is_main:
-            print(message, flush=True)
 
-    def append_log(record):
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+@contextlib.contextmanager
+def stop_on_signals(stop):
+    """While inside: Ctrl-C (SIGINT) and SIGTERM (`kill`, a cluster's time limit) record their name
+    in stop["signal"]. Where stop["abortable"] is true (waiting for data, validating, preparing)
+    the handler raises Interrupted at once; elsewhere the iteration in progress runs to its end
+    first, because a step cut midway would leave the weights and the optimizer state at different
+    iterations, and only a finished iteration can be checkpointed and resumed bitwise."""
+    def handler(signum, frame):
+        stop["signal"] = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if stop["abortable"]:
+            raise Interrupted
 
-    # Data and the run folder.
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def command_line(args, *flags):
+    """The command that runs train.py with `flags` as this run was launched (torchrun for N > 1);
+    --device is kept, since a checkpoint does not decide where it continues."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    launcher = "python train.py" if world == 1 else f"torchrun --nproc_per_node={world} train.py"
+    device = ["--device", args.device] if args.device and "--device" not in flags else []
+    return " ".join([launcher, *map(shlex.quote, [*flags, *device])])
+
+
+def report_stop(args, out, stop, this_command, stage_of):
+    """The one line of an interrupted run: where its last finished iteration is kept and the exact
+    command that continues it; with no checkpoint yet, the command that starts it again (a fresh
+    run's folder is emptied for it). stage_of: the command of the run this one is a stage of
+    (world_encoder), which continues the stage by itself."""
+    ckpt = out / "ckpt.pt"
+    if stop["saved"] is not None and ckpt.is_file():
+        hint = stage_of or command_line(args, "--method", args.method, "--resume", str(ckpt))
+        return (f"stopped by {stop['signal']} after iteration {stop['saved']} of {args.iterations}; checkpoint "
+                f"{ckpt}. Continue with: {hint}")
+    if not args.resume:  # the config record is all this run wrote
+        (out / "log.jsonl").unlink(missing_ok=True)
+    return (f"stopped by {stop['signal']} before an iteration finished; nothing to keep. "
+            f"Run again: {stage_of or this_command}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: train_step, logging, checkpoints (before every validation, so that a failing
+# validation loses no training) and validations
+# ---------------------------------------------------------------------------------------------
+def append_log(out, record):
+    """One JSON line of log.jsonl (rank 0)."""
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_checkpoint(run, args, iteration, metrics=None):
+    """Save ckpt.pt (rank 0) after checking every weight is finite; -> the saved dict (rank 0).
+    Every rank calls it: each one's RNG state is gathered, so that each continues its own stream."""
+    world, out = run["world"], run["out"]
+    rngs = [None] * world
+    state = rng_state()
+    if world > 1:
+        dist.all_gather_object(rngs, state)
+    else:
+        rngs = [state]
+    weights = run["bare"].state_dict()
+    bad = evaluate.non_finite_tensors(weights)
+    if bad:  # e.g. BatchNorm statistics of a forward pass that overflowed: never save them
+        raise SystemExit(f"iteration {iteration}: {len(bad)} weight/buffer tensors hold NaN or inf (e.g. {bad[0]}); "
+                         f"stopping without saving. The last checkpoint in {out} is intact")
+    if not run["is_main"]:
+        return None
+    obj = {"method": args.method, "config": run["config"], "model": weights,
+           "optimizer": run["optimizer"].state_dict(), "iteration": iteration, "best": run["best"],
+           "best_iteration": run["best_iteration"], "rng": rngs, "metrics": metrics}
+    save_checkpoint(out / "ckpt.pt", obj)
+    return obj
+
+
+def validate_and_record(run, args, iteration, obj, final):
+    """Validate (rank 0), log it, and store its numbers in the checkpoint `obj` just written for
+    this iteration; a new best also goes to best.pt. The best: highest mIoU; the flow branch alone:
+    lowest EPE; Flow2Seg's flow-path stage: its flow path's mIoU (the fused output reads an image
+    path that stage does not train)."""
+    if run["is_main"]:
+        metrics = evaluate.validate(run["bare"], run["config"], run["device"], max_items=args.val_items)
+        score = (metrics["miou_flow_path"] if args.flow2seg_stage == "flow-path"
+                 else metrics.get("miou", -metrics.get("epe_all", math.inf)))
+        append_log(run["out"], {"iteration": iteration, "validation": evaluate.json_safe(metrics)})
+        run["log"](f"validation at {iteration}{validation_scope(args, metrics)}: " + ", ".join(
+            evaluate.format_metric(k, v) for k, v in metrics.items() if isinstance(v, float)))
+        is_best = run["best"] is None or score > run["best"]
+        if is_best:
+            run["best"], run["best_iteration"] = score, iteration
+        obj["metrics"], obj["best"], obj["best_iteration"] = metrics, run["best"], run["best_iteration"]
+        save_checkpoint(run["out"] / "ckpt.pt", obj)
+        if is_best:
+            save_best(run["out"], obj, final)
+    if run["world"] > 1:
+        dist.barrier()
+    run["model"].train()
+    train_mode(run["bare"], args)
+
+
+def validation_scope(args, metrics):
+    """What a training validation covers, for its printed line: --val-items caps every validation
+    set, and temporal consistency needs consecutive pairs, so it is read on the first snippets
+    only; evaluate.py's numbers (every item) differ for the same checkpoint."""
+    if not args.val_items:
+        return ""
+    pairs = f", temporal consistency over {metrics['consistency_pairs']} frame pairs" \
+        if "consistency_pairs" in metrics else ""
+    return f" (at most {args.val_items} items per set{pairs}; evaluate.py takes all)"
+
+
+def next_batch(iterator, iteration, out, stop, abortable):
+    """The loader's next batch; a signal aborts the wait where `abortable` (one process: nothing
+    is in progress while it waits; under DDP a process must not leave the others' collectives)."""
+    stop["abortable"] = abortable
+    try:
+        return next(iterator)
+    except (OSError, ValueError) as error:  # also raised again here from a DataLoader worker
+        raise SystemExit(f"training data, iteration {iteration + 1}: {one_line(error)}; the last checkpoint "
+                         f"in {out} is intact") from None
+    finally:
+        stop["abortable"] = False
+
+
+def stop_everywhere(stop, world, device):
+    """True once a signal has reached any process: all of them stop after the same iteration (one
+    stopping alone would leave the others waiting in the next collective)."""
+    if world == 1:
+        return stop["signal"] is not None
+    flag = torch.tensor([float(stop["signal"] is not None)], device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+def train_loop(run, args, loader, end, stop):
+    """Iterations run["start"] + 1 .. `end`: a step, its log line, checkpoints and validations; a
+    signal ends the loop after the iteration in progress (stop_on_signals), whose checkpoint is
+    written if it is not yet. stop["saved"] follows the iteration held by ckpt.pt."""
+    out, world, is_main, device = run["out"], run["world"], run["is_main"], run["device"]
+    run["model"].train()  # the DDP wrapper too
+    train_mode(run["bare"], args)
+    done, t0 = run["start"], time.time()
+    try:
+        if run["pending_validation"]:  # a run stopped during this iteration's validation repeats it
+            stop["abortable"] = world == 1
+            validate_and_record(run, args, done, read_checkpoint(out / "ckpt.pt"), done == args.iterations)
+            stop["saved"] = done
+            stop["abortable"] = False
+        iterator = iter(loader)
+        seen, step_time = 0, time.time()
+        for iteration in range(run["start"], end):
+            batch = to_device(next_batch(iterator, iteration, out, stop, world == 1), device, args.channels_last)
+            lr, values, names = train_step(run, batch, args, iteration, world, out)
+            seen += args.batch
+            done = iteration + 1
+            if is_main and (done % args.log_every == 0 or done in (run["start"] + 1, args.iterations)):
+                record, line = log_record(done, args, lr, values, names, seen / max(time.time() - step_time, 1e-9),
+                                          device)  # the first line is a sign of life
+                append_log(out, record)
+                run["log"](line)
+                seen, step_time = 0, time.time()
+            paused = time.time()
+            final = done == args.iterations
+            validating = final or (args.val_every and done % args.val_every == 0)
+            # Asked once per iteration, after its step: a signal that came during the step is
+            # honoured here, with the step complete.
+            stopping = stop_everywhere(stop, world, device)
+            if validating or done % args.ckpt_every == 0 or done == end or stopping:
+                obj = write_checkpoint(run, args, done)  # before validating: a failure there loses no training
+                stop["saved"] = done
+            if validating and not stopping:  # a stopped run validates when resumed (pending_validation)
+                stop["abortable"] = world == 1  # the checkpoint of `done` is written: nothing to lose
+                validate_and_record(run, args, done, obj, final)
+                stop["abortable"] = False
+            step_time += time.time() - paused  # images/s and ETA count training time only
+            if stopping:
+                break
+    except Interrupted:  # raised only where nothing was half done: the weights are those of `done`
+        stop["abortable"] = False
+        if stop["saved"] != done and done > 0:  # stopped while waiting for the next batch: keep the last step
+            write_checkpoint(run, args, done)
+            stop["saved"] = done
+    return done, time.time() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# The run, in the order main() takes its steps
+# ---------------------------------------------------------------------------------------------
+def prepare(args, world, rank, device, log, outer_command):
+    """Data, run folder and network -> (run, loader): run is build_training's dict plus what the
+    loop needs ('out', 'world', 'is_main', 'log', 'config')."""
+    out, is_main = Path(args.out), rank == 0
     ensure_data_root(args, world, is_main, log)
     claim_run_folder(args, out, is_main)
     if args.flow_from:  # Flow2Seg on EFC's flow: computed once, by rank 0, into the run folder
@@ -1041,15 +1276,16 @@ def main(argv=None):
             fill_flow_dir(args.flow_from, args.data_root, args.flow_dir, device)
         if world > 1:
             dist.barrier()
-    train_set = training_dataset(args)
+    try:
+        train_set = training_dataset(args)
+    except (OSError, ValueError) as error:  # a folder without the dataset's layout
+        raise SystemExit(f"--data-root {args.data_root}: {one_line(error)}") from None
     # KITTI has no labels: the flow branch's EFCNet keeps a Cityscapes-sized (19-class) head.
     args.num_classes = getattr(train_set, "num_classes", len(data.CITYSCAPES_CLASSES))
-
-    # The network, and the data stream from where the run starts.
-    run = build_training(args, world, rank, device, log)
-    bare, optimizer, start = run["bare"], run["optimizer"], run["start"]
-    best, best_iteration = run["best"], run["best_iteration"]
-    sampler = GlobalBatches(len(train_set), args.batch, world, rank, args.seed, start)
+    run = build_training(args, world, rank, device, log, outer_command)
+    # The data stream starts where the run does: a resumed run draws the batches the uninterrupted
+    # one would have drawn next (GlobalBatches, SeededItems).
+    sampler = GlobalBatches(len(train_set), args.batch, world, rank, args.seed, run["start"])
     # The loader's own generator: its per-worker seeds must not consume the global generator, whose
     # state (dropout) is saved in checkpoints.
     loader = DataLoader(SeededItems(train_set, args.seed), batch_sampler=sampler, num_workers=args.workers,
@@ -1067,95 +1303,48 @@ def main(argv=None):
         f"{args.optimizer} lr {args.lr}, device {device}{', bf16' if args.amp else ''}")
     log("config: " + ", ".join(f"{k} {v}" for k, v in sorted(config.items())))
     if is_main:  # the log's first record of a run (or of its resumption) is the whole config
-        append_log({"iteration": start, "resumed": bool(args.resume), "config": config})
+        append_log(out, {"iteration": run["start"], "resumed": bool(args.resume), "config": config})
+    run.update(out=out, world=world, is_main=is_main, log=log, config=config)
+    return run, loader
 
-    def checkpoint(iteration, metrics=None):
-        """Save ckpt.pt (rank 0) after checking every weight is finite; -> the saved dict (rank 0)."""
-        rngs = [None] * world
-        state = rng_state()
-        if world > 1:  # every rank's RNG state, so that each continues its own stream on resume
-            dist.all_gather_object(rngs, state)
-        else:
-            rngs = [state]
-        weights = bare.state_dict()
-        bad = evaluate.non_finite_tensors(weights)
-        if bad:  # e.g. BatchNorm statistics of a forward pass that overflowed: never save them
-            raise SystemExit(f"iteration {iteration}: {len(bad)} weight/buffer tensors hold NaN or inf (e.g. {bad[0]}); "
-                             f"stopping without saving. The last checkpoint in {out} is intact")
+
+def main(argv=None, stage_of=None):
+    """A training run: processes, then data, run folder and network (prepare), the loop
+    (train_loop) and a summary. Every process runs this; rank 0 alone prints and writes.
+    Ctrl-C or SIGTERM ends it with one line (report_stop) and exit status 130 or 143. stage_of: the
+    command of the run this one is a stage of (world_encoder's PSPNet)."""
+    args = parse_args(argv)
+    world, rank, device = start_processes(args)
+    out, is_main = Path(args.out), rank == 0
+    this_command = command_line(args, *(sys.argv[1:] if argv is None else argv))
+
+    def log(message):
         if is_main:
-            obj = {"method": args.method, "config": config, "model": weights,
-                   "optimizer": optimizer.state_dict(), "iteration": iteration, "best": best,
-                   "best_iteration": best_iteration, "rng": rngs, "metrics": metrics}
-            save_checkpoint(out / "ckpt.pt", obj)
-            return obj
-        return None
+            print(message, flush=True)
 
-    def validation(iteration):
-        """Validate (rank 0), log it; -> (metrics, whether it is the best so far)."""
-        nonlocal best
-        if not is_main:
-            return None, False
-        metrics = evaluate.validate(bare, config, device, max_items=args.val_items)
-        # The best validation: highest mIoU; the flow branch alone: lowest EPE; Flow2Seg's flow-path
-        # stage: its flow path's mIoU (the fused output reads an image path that stage does not train).
-        score = (metrics["miou_flow_path"] if args.flow2seg_stage == "flow-path"
-                 else metrics.get("miou", -metrics.get("epe_all", math.inf)))
-        append_log({"iteration": iteration, "validation": evaluate.json_safe(metrics)})
-        log(f"validation at {iteration}: " + ", ".join(evaluate.format_metric(k, v) for k, v in metrics.items()
-                                                       if isinstance(v, float)))
-        if best is None or score > best:
-            best = score
-            return metrics, True
-        return metrics, False
-
-    # Train.
-    run["model"].train()  # the DDP wrapper too
-    train_mode(bare, args)
-    iterator = iter(loader)
-    t0, seen, step_time = time.time(), 0, time.time()
-    end = args.iterations if args.stop_after is None else min(args.iterations, start + args.stop_after)
-    for iteration in range(start, end):
+    # stop_on_signals records the signal; "saved" is the iteration ckpt.pt holds (train_loop keeps it)
+    stop = {"signal": None, "abortable": True, "saved": None}
+    with stop_on_signals(stop):
         try:
-            items = next(iterator)
-        except (OSError, ValueError) as error:  # also raised again here from a DataLoader worker
-            raise SystemExit(f"training data, iteration {iteration + 1}: {one_line(error)}; the last checkpoint "
-                             f"in {out} is intact") from None
-        batch = to_device(items, device, args.channels_last)
-        lr, values, names = train_step(run, batch, args, iteration, world, out)
-        seen += args.batch
-        done = iteration + 1
-        if is_main and (done % args.log_every == 0 or done in (start + 1, args.iterations)):  # first: a sign of life
-            record, line = log_record(done, args, lr, values, names, seen / max(time.time() - step_time, 1e-9), device)
-            append_log(record)
-            log(line)
-            seen, step_time = 0, time.time()
-        final = done == args.iterations
-        paused = time.time()
-        validating = final or (args.val_every and done % args.val_every == 0)
-        if validating or done % args.ckpt_every == 0 or done == end:
-            obj = checkpoint(done)  # before validating: a failure there loses no training
-        if validating:
-            metrics, is_best = validation(done)
-            if world > 1:
-                dist.barrier()
-            run["model"].train()
-            train_mode(bare, args)
-            if is_best:
-                best_iteration = done
-            if is_main:  # the same checkpoint, now with its validation numbers
-                obj["metrics"], obj["best"], obj["best_iteration"] = metrics, best, best_iteration
-                save_checkpoint(out / "ckpt.pt", obj)
-                if is_best:
-                    save_best(out, obj, final)
-        step_time += time.time() - paused  # images/s and ETA count training time only
+            run, loader = prepare(args, world, rank, device, log, stage_of or this_command)
+            stop["saved"] = run["start"] if args.resume else None
+            end = args.iterations if args.stop_after is None else min(args.iterations, run["start"] + args.stop_after)
+            stop["abortable"] = False
+            done, seconds = train_loop(run, args, loader, end, stop)
+        except Interrupted:
+            pass
+    if stop["signal"]:
+        if is_main:
+            print(report_stop(args, out, stop, this_command, stage_of), file=sys.stderr, flush=True)
+        raise SystemExit(130 if stop["signal"] == "Ctrl-C" else 143)  # 128 + the signal's number, as shells report
     if is_main:
-        summarise(args, out, end, best_iteration, time.time() - t0, log)
+        summarise(args, out, done, run["best_iteration"], seconds, log)
     if world > 1:
-        # Teardown, the same on every rank: the loader's worker processes end now (not during
-        # interpreter shutdown, while the process group may already be gone), and no rank destroys
-        # the group before all have left the loop (rank 0 is still writing the last checkpoint when
-        # the others finish; tearing a gloo group down under a peer is a known source of exit hangs).
-        del iterator
+        # Teardown, the same on every rank: the loader's worker processes ended with train_loop
+        # (not during interpreter shutdown, while the process group may already be gone), and no
+        # rank destroys the group before all have left the loop (rank 0 is still writing the last
+        # checkpoint when the others finish; tearing a gloo group down under a peer is a known
+        # source of exit hangs).
         dist.barrier()
         dist.destroy_process_group()
 

@@ -205,7 +205,10 @@ def test_killing_a_checkpoint_write_never_leaves_a_broken_file(tmp_path):
               "    i += 1\n")
     tmp = target.with_name(target.name + ".tmp")
     seen = set()
-    for delay in (0.0, 0.01, 0.03, 0.1, 0.2, 0.4):
+    # Three kills: early in a write, in the middle, after a few writes. Each round starts a fresh
+    # Python that imports torch and train.py (seconds each), which makes this the suite's slowest
+    # default test; six rounds took over two minutes on a loaded 2-core machine.
+    for delay in (0.0, 0.05, 0.4):
         tmp.unlink(missing_ok=True)  # left by the previous round's kill
         process = subprocess.Popen([sys.executable, "-c", writer, str(target)], cwd=ROOT)
         deadline = time.time() + 60
@@ -553,3 +556,89 @@ def test_context_flags_are_refused_where_they_mean_nothing(world, tmp_path, caps
     args = train.parse_args(["--method", "flow2seg", "--flow-context", "denseaspp", "--data-root", world])
     assert (args.context, args.flow_context) == ("psp", "denseaspp")
     assert train.parse_args(["--method", "psp", "--data-root", world]).context == "psp"
+
+
+# ------------------------------------------------------------------ Ctrl-C, SIGTERM, --data-root
+def test_ctrl_c_keeps_the_last_finished_iteration_and_names_the_command_that_continues_it(world, tmp_path):
+    # A terminal's Ctrl-C reaches the whole process group (the loader's worker too): one line on
+    # stderr, exit status 130, a checkpoint of the iteration it names, and its command continues.
+    out = tmp_path / "run"
+    argv = tiny(world, out, "psp", "--iterations", "60")
+    argv[argv.index("--workers") + 1] = "1"
+    process = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen = ""
+    while "it 2/60" not in seen:
+        line = process.stdout.readline()
+        assert line, process.stderr.read()
+        seen += line
+    os.killpg(process.pid, signal.SIGINT)
+    rest, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    stopped = int(lines[0].split("after iteration ")[1].split()[0])
+    command = lines[0].split("Continue with: ")[1]
+    assert command == f"python train.py --method psp --resume {out / 'ckpt.pt'}"
+    assert 2 <= stopped < 60 and torch.load(out / "ckpt.pt", weights_only=True)["iteration"] == stopped
+    train.main(command.split()[2:] + ["--stop-after", "1", "--workers", "0"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iteration"] == stopped + 1
+
+
+def test_a_signal_during_validation_or_before_training_loses_nothing(world, tmp_path, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    real_validate = train.evaluate.validate
+
+    def killed(*a, **k):  # SIGTERM arrives while the last iteration is validated
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_validate(*a, **k)
+
+    monkeypatch.setattr(train.evaluate, "validate", killed)
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny(world, out, "psp", "--iterations", "2"))
+    assert stop.value.code == 143
+    assert f"stopped by SIGTERM after iteration 2 of 2; checkpoint {out / 'ckpt.pt'}" in capsys.readouterr().err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["metrics"] is None
+    monkeypatch.setattr(train.evaluate, "validate", real_validate)
+    train.main(["--method", "psp", "--resume", str(out / "ckpt.pt"), "--workers", "0"])  # validates first
+    assert "validation at 2" in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=True)["metrics"]["miou"] >= 0
+    # Ctrl-C before the first iteration: nothing to keep, and the same command starts afresh
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(train, "training_dataset", lambda args: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny(world, fresh, "psp", "--iterations", "1"))
+    err = capsys.readouterr().err
+    assert stop.value.code == 130 and "nothing to keep. Run again: python train.py --method psp" in err
+    assert not (fresh / "log.jsonl").exists() and "ckpt.pt" not in err
+    monkeypatch.undo()
+    train.main(tiny(world, fresh, "psp", "--iterations", "1"))
+    assert (fresh / "ckpt.pt").is_file()
+
+
+def test_a_run_folder_without_a_checkpoint_is_not_offered_for_resuming(world, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="stopped before its first checkpoint") as stop:
+        train.main(tiny(world, tmp_path / "run", "psp", "--iterations", "1"))
+    assert "--resume" not in str(stop.value.code)
+
+
+def test_a_data_root_elsewhere_is_never_written_and_a_wrong_one_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.synthetic, "make_synthetic_world", lambda *a, **k: pytest.fail("wrote a world"))
+    typo = tmp_path / "data" / "synthtic"
+    with pytest.raises(SystemExit, match=rf"--data-root {typo}: no such folder; write a synthetic world there "
+                                         rf"with `python synthetic.py synth --out {typo}`"):
+        train.main(["--method", "efc", "--data-root", str(typo), "--out", str(tmp_path / "run")])
+    assert not typo.exists()
+    (tmp_path / "other" / "images").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="not a synthetic world .no classes.json.; write one with"):
+        train.main(["--method", "psp", "--data-root", str(tmp_path / "other"), "--out", str(tmp_path / "run")])
+    # another dataset's layout missing: its reader's message, as one line naming the flag
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--method", "psp", "--dataset", "cityscapes", "--data-root", str(tmp_path / "other"),
+                    "--out", str(tmp_path / "run")])
+    message = str(stop.value.code)
+    assert message.startswith(f"--data-root {tmp_path / 'other'}: ") and "gtFine" in message and "\n" not in message

@@ -1188,8 +1188,9 @@ def validation_scope(args, metrics):
 
 
 def next_batch(iterator, iteration, out, stop, abortable):
-    """The loader's next batch; a signal aborts the wait where `abortable` (one process: nothing
-    is in progress while it waits; under DDP a process must not leave the others' collectives)."""
+    """The loader's next batch; a signal aborts the wait where `abortable` (one process reading its
+    own data: nothing is in progress while it waits; under DDP a process must not leave the others'
+    collectives)."""
     stop["abortable"] = abortable
     try:
         return next(iterator)
@@ -1227,7 +1228,12 @@ def train_loop(run, args, loader, end, stop):
         iterator = iter(loader)
         seen, step_time = 0, time.time()
         for iteration in range(run["start"], end):
-            batch = to_device(next_batch(iterator, iteration, out, stop, world == 1), device, args.channels_last)
+            # A signal may cut the wait short only without worker processes: one cut midway through
+            # receiving a batch from a worker leaves that worker a broken connection to report.
+            items = next_batch(iterator, iteration, out, stop, world == 1 and args.workers == 0)
+            if world == 1 and stop["signal"]:  # it came while the batch was fetched: stop before stepping
+                raise Interrupted
+            batch = to_device(items, device, args.channels_last)
             lr, values, names = train_step(run, batch, args, iteration, world, out)
             seen += args.batch
             done = iteration + 1

@@ -644,7 +644,8 @@ class EFCNet(nn.Module):
     corr_layer: the encoder output the correlation compares (EFC: "intermediate feature", following
     FlowNetC, which correlates its conv3, stride 8). "layer3" = S; "layer2" = ResNet's conv3_x stage,
     also stride 8 and less semantic: its cosine matches match the moving cars where layer3's match
-    the background around them (docs/moving-cars.md).
+    the background around them; "layer2+3" compares both (the mean of their cosines): between the two
+    on the cars and on the static scene (docs/moving-cars.md).
     """
 
     def __init__(self, num_classes, backbone="resnet50", max_displacement=20, corr_stride=2, corr_layer="layer3",
@@ -683,7 +684,9 @@ class EFCNet(nn.Module):
         # (2B, C1, H/4, W/4), (2B, C2, H/8, W/8), (2B, C_S, H/8, W/8)
         f4, f8, S = self.seg.encode(torch.cat([image_a, image_b]), with_layer2=True)
         S_a, S_b = S[:B], S[B:]
-        M = S if self.corr_layer == "layer3" else f8  # what the correlation compares
+        M = {"layer3": S, "layer2": f8}.get(self.corr_layer)  # what the correlation compares
+        if M is None:  # layer2+3: both, each a unit vector, so each cosine is the mean of the two maps'
+            M = torch.cat([matching_features(f8), matching_features(S)], 1)
         # One decoder run on the batch of pairs [(a, b); (b, a)]: the same weights give F_a->b
         # (first half) and F_b->a (second half). The first frames are [a; b] = S and f4 as they are.
         S1, S2, skip = S, torch.cat([S_b, S_a]), f4
@@ -767,7 +770,7 @@ class Flow2SegNet(nn.Module):
 
 
 METHODS = ("psp", "flow2seg", "efc", "flow")
-CORR_LAYERS = ("layer3", "layer2")  # EFCNet's corr_layer
+CORR_LAYERS = ("layer3", "layer2", "layer2+3")  # EFCNet's corr_layer
 
 
 def build_model(method, num_classes, backbone="resnet50", flow_backbone="resnet18", max_displacement=20,

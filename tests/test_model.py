@@ -357,6 +357,14 @@ def test_corr_layer_layer2_correlates_layer2_and_keeps_S_for_the_redirect_and_se
         assert f8.shape == (2, 128, 8, 8) and torch.equal(out["S_a"], S[:1])
         assert torch.allclose(out["match_ab"], net.flow.matching_flow(f8[:1], f8[1:]))
         assert not torch.allclose(out["match_ab"], net.flow.matching_flow(S[:1], S[1:]))
+    both = model.EFCNet(5, "resnet18", max_displacement=4, corr_stride=1, corr_layer="layer2+3").eval()
+    both.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        M = torch.cat([model.matching_features(f8), model.matching_features(S)], 1)
+        c2, c3, c23 = (both.flow.correlate(X[:1], X[1:]) for X in (f8, S, M))
+        assert torch.allclose(c23, (c2 + c3) / 2, atol=1e-5)  # each cosine the mean of the two maps'
+        assert torch.allclose(both.forward_pair(a, b, segment=False, warmup=True)["match_ab"],
+                              both.flow.matching_flow(M[:1], M[1:]))
     with pytest.raises(ValueError, match="corr_layer"):
         model.EFCNet(5, "resnet18", corr_layer="layer1")
 

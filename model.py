@@ -456,20 +456,16 @@ def matching_features(S):
     channels and scaled to unit length at each pixel, so that their dot product is a cosine.
 
     Our choice where EFC is silent. FlowNetC correlates raw conv3 features, trained for flow alone;
-    EFC's are the segmentation encoder's layer3, after a ReLU: non-negative and smooth, so every
-    displacement correlates about equally and the largest raw product is not the match. Measured
-    on the world-trained ResNet-18 (10 val pairs, displacements +-4 at stride 8): the per-pixel
-    argmax of the raw correlation is off by 1.17 stride-8 pixels, worse than zero flow (0.79);
-    of the cosine, 0.50.
+    EFC's are the segmentation encoder's, after a ReLU: non-negative and smooth, so every
+    displacement correlates about equally and the largest raw product is not the match (measured:
+    docs/learning.md#choices-measured-on-the-world).
     """
     S = S - S.mean(1, keepdim=True)
     return S / S.norm(dim=1, keepdim=True).clamp(min=1e-6)
 
 
-# Soft-argmax temperature of the matching flow (on cosines in [-1, 1]) and its 3x3 box smoothing.
-# Measured on 40 val pairs of the world (world-trained ResNet-18, +-4 cells at stride 1; zero flow:
-# 6.08 px): per-pixel argmax 3.76 px; soft-argmax at T = 0.3 / 0.1 / 0.05 / 0.02: 6.57 / 4.86 /
-# 3.63 / 3.28 px, with the 3x3 smoothing 6.24 / 4.51 / 3.40 / 3.04 px.
+# Soft-argmax temperature of the matching flow (on cosines in [-1, 1]), with a 3x3 box smoothing: the
+# lowest EPE of the values tried on the world (docs/learning.md#choices-measured-on-the-world).
 MATCH_TEMPERATURE = 0.02
 
 

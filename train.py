@@ -68,6 +68,7 @@ QUICK = {"backbone": "resnet18", "flow_backbone": "resnet18", "crop": [96, 96], 
          "log_every": 10, "ckpt_every": 100, "max_displacement": 4, "corr_stride": 1, "max_gap": 2,
          "flow_warmup": 100, "flow_lr_mult": 1.0, "cons_weight": 0.01, "corr_layer": "layer3", "match_input": False,
          "pass_through": False}
+QUICK_FLOW_ITERATIONS = 400  # the quick recipe's efc and flow on the synthetic world (parse_args)
 PAPER_EFC = {"backbone": "resnet101", "flow_backbone": "resnet18", "optimizer": "sgd", "lr": 0.01,
              "weight_decay": 1e-4, "crop": [713, 713], "batch": 16, "iterations": 120_000,
              "pairs_per_snippet": 10, "workers": 8, "val_every": 5000, "val_items": None, "log_every": 50,
@@ -264,6 +265,9 @@ def parse_args(argv=None):
     # frames and so votes for zero motion (docs/learning.md#choices-measured-on-the-world).
     if args.recipe == "quick" and args.method in ("efc", "flow") and args.dataset == "synthetic":
         recipe["crop"] = list(synthetic.FRAME_SIZE)
+        # ... for 400 iterations, the first 200 the warm-up: the budget whose numbers the README and
+        # docs/ report (the warm-up needs 200 to read the cost volume; L_pm then needs as many).
+        recipe["iterations"], recipe["flow_warmup"] = QUICK_FLOW_ITERATIONS, QUICK_FLOW_ITERATIONS // 2
     for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -327,6 +331,10 @@ def recipe_help(parser):
     sets (quick per method where they differ; paper for efc / flow / psp and for flow2seg), else
     the parser default. Generated from QUICK, OPTIMIZER and PAPER_*, so --help cannot drift."""
     computed = {"clip_grad": "10 for efc and flow, else 0", "freeze": "quick: seg for flow, else none; paper: none",
+                "iterations": f"quick: {QUICK['iterations']}, {QUICK_FLOW_ITERATIONS} for efc and flow on the synthetic "
+                              f"world; paper: {PAPER_EFC['iterations']}, flow2seg {PAPER_FLOW2SEG['iterations']}",
+                "flow_warmup": f"quick: {QUICK['flow_warmup']}, {QUICK_FLOW_ITERATIONS // 2} for efc and flow on the "
+                               f"synthetic world; paper: {PAPER_EFC['flow_warmup']}",
                 "crop": f"quick: {QUICK['crop'][0]} {QUICK['crop'][1]}, whole frames ({synthetic.FRAME_SIZE[0]} "
                         f"{synthetic.FRAME_SIZE[1]}) for efc and flow on the synthetic world; paper: "
                         f"{PAPER_EFC['crop'][0]} {PAPER_EFC['crop'][1]} (flow2seg: {PAPER_FLOW2SEG['crop'][0]} "

@@ -1154,13 +1154,13 @@ def worker_init_fn(worker_id):
     """DataLoader(worker_init_fn=...): DataLoader already seeds torch in each worker with
     base_seed + worker_id (JointTransform draws from it); seed numpy and `random` from the same
     number, so that any numpy randomness differs between workers too and repeats with the seed.
-    Ctrl-C and SIGTERM reach the workers too: they ignore them and let the training process stop
-    (train.stop_on_signals), which ends them."""
+    A terminal's Ctrl-C reaches the workers too: they ignore it and let the training process stop
+    (train.stop_on_signals), which ends them. SIGTERM keeps its default: it is how multiprocessing
+    ends daemonic workers at exit (ignored, the exit waited for them forever)."""
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)
     random.seed(seed)
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _colour_wheel():

@@ -2,6 +2,7 @@
 
 One tiny synthetic world (2 train + 1 val snippets of 48 x 64) is generated once for the module.
 """
+import os
 import time
 from pathlib import Path
 
@@ -483,3 +484,32 @@ def test_progress_reports_rate_and_time_left_only_on_long_loops(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("slow: 1/4, ") and "/s, about " in lines[0] and lines[0].endswith(" s left")
     assert lines[-1].startswith("slow: 4/4 in ")
+
+
+def _worker_then_wait(ready):
+    data.worker_init_fn(0)
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_loader_worker_ignores_ctrl_c_but_ends_on_sigterm():
+    """worker_init_fn: a terminal's Ctrl-C must not kill the workers (the training process stops
+    them), but SIGTERM must: multiprocessing ends daemonic workers with it at exit, and a worker
+    that ignored it kept `pytest` waiting forever after the suite had passed."""
+    import multiprocessing
+    import signal
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_worker_then_wait, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(20)
+        os.kill(worker.pid, signal.SIGINT)
+        worker.join(1)
+        assert worker.is_alive()  # Ctrl-C ignored
+        worker.terminate()  # SIGTERM, as multiprocessing's exit handler sends it
+        worker.join(10)
+        assert not worker.is_alive()
+    finally:
+        if worker.is_alive():
+            worker.kill()

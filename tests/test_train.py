@@ -281,6 +281,7 @@ def test_flow2seg_trains_on_flows_computed_by_a_trained_flow_branch(world, tmp_p
     assert ckpt["config"]["flow_dir"] == str(tmp_path / "f2s" / "flows")
 
 
+@pytest.mark.slow  # 66-72 s on a 2-core CPU without bf16 instructions (emulated): over the default suite's minute
 def test_bf16_autocast_run_on_cpu(world, tmp_path):
     torch.set_num_threads(1)
     train.main(tiny(world, tmp_path, "efc", "--iterations", "2", "--amp"))

@@ -19,7 +19,9 @@ Flow2Seg ("Motion-Aided Semantic Segmentation"), section 3.4:
 Conventions are warp.py's: flow (B, 2, H, W) u first, in pixels of its own grid;
 backward_warp(x_b, F_a->b) brings b's content onto a's grid (EFC eq. (1)); occlusion 1 = occluded.
 Labels are int64 (B, H, W) with 255 = ignore. The paper's sums over pixels sum_xy become means over
-pixels, so that the lambdas of eq. (9) do not depend on the crop size.
+pixels, so that the lambdas of eq. (9) do not depend on the crop size (reduction="sum" keeps the sums).
+Our settings that the paper does not have, each with its keyword of efc_loss that restores the paper's
+value, are listed in docs/choices.md#the-paper-recipe-against-the-papers.
 Photometric, SSIM, smoothness and occlusion terms run in float32 even under autocast.
 """
 import torch
@@ -66,6 +68,22 @@ def masked_mean(x, mask=None):
         return x.sum() / max(x.numel(), 1)
     mask = mask.to(x.dtype).expand_as(x)
     return (x * mask).sum() / _per_process_count(mask.detach().sum(dtype=torch.float64)).to(x.dtype)
+
+
+def reduce_pixels(x, mask=None, reduction="mean"):
+    """Every EFC term's reduction: masked_mean, or with reduction="sum" the papers' sum_xy, the sum over
+    each image's (masked) pixels, averaged over the batch's B images (B = x.shape[0]).
+
+    Distributed: every process holds an equal share of the batch, so its own sum / its own B is the
+    global mean over images / N, and DDP's averaged gradient is that of one process with the whole batch.
+    """
+    if reduction == "mean":
+        return masked_mean(x, mask)
+    if reduction != "sum":
+        raise ValueError(f"reduction {reduction!r}: expected 'mean' or 'sum'")
+    if mask is not None:
+        x = x * mask.to(x.dtype).expand_as(x)
+    return x.sum() / max(x.shape[0], 1)
 
 
 def _per_process_count(count):
@@ -130,7 +148,7 @@ def photometric_map(I, I_warped):
         return G.mean(1, keepdim=True)  # (B, 1, H, W)
 
 
-def photometric_loss(I_a, I_b, flow_ab, O_est_a, O_error_a):
+def photometric_loss(I_a, I_b, flow_ab, O_est_a, O_error_a, reduction="mean"):
     """L_pm of one scale and direction: frame b warped onto a by F_a->b, compared with frame a.
 
     I_a, I_b: (B, 3, h, w) in [0, 1] on the flow's grid; flow_ab: (B, 2, h, w);
@@ -147,11 +165,12 @@ def photometric_loss(I_a, I_b, flow_ab, O_est_a, O_error_a):
     with _no_autocast(I_a):
         G = photometric_map(I_a, I_b_warped)  # (B, 1, h, w)
         # EFC eq. (6): L_pm = sum_xy G(I, I') * (1 + O_error - O_est)
-        return masked_mean(G * (1 + O_error_a - O_est_a))
+        return reduce_pixels(G * (1 + O_error_a - O_est_a), reduction=reduction)
 
 
-def smoothness_loss(flow, image):
-    """L_sm of one scale, first order and edge-aware.
+def smoothness_loss(flow, image, edge_weight=EDGE_WEIGHT, reduction="mean"):
+    """L_sm of one scale, first order and edge-aware; edge_weight is the constant of exp(-w |grad I|)
+    (EDGE_WEIGHT's comment; the paper's eq. (7): w = 1).
 
     flow: (B, 2, h, w) in pixels of its own grid (no further normalisation: a flow's gradient in its
     own grid's pixels is the same at every scale); image: (B, 3, h, w) in [0, 1] on that grid.
@@ -163,12 +182,12 @@ def smoothness_loss(flow, image):
         dF_dy = (flow[..., 1:, :] - flow[..., :-1, :]).abs().sum(1, keepdim=True)  # (B, 1, h-1, w)
         dI_dx = (image[..., :, 1:] - image[..., :, :-1]).abs().mean(1, keepdim=True)  # (B, 1, h, w-1)
         dI_dy = (image[..., 1:, :] - image[..., :-1, :]).abs().mean(1, keepdim=True)  # (B, 1, h-1, w)
-        # EFC eq. (7): L_sm = sum_xy |grad F| * exp(-|grad I|), with exp(-EDGE_WEIGHT |grad I|)
-        return (masked_mean(dF_dx * torch.exp(-EDGE_WEIGHT * dI_dx))
-                + masked_mean(dF_dy * torch.exp(-EDGE_WEIGHT * dI_dy)))
+        # EFC eq. (7): L_sm = sum_xy |grad F| * exp(-|grad I|), with exp(-edge_weight |grad I|)
+        return (reduce_pixels(dF_dx * torch.exp(-edge_weight * dI_dx), reduction=reduction)
+                + reduce_pixels(dF_dy * torch.exp(-edge_weight * dI_dy), reduction=reduction))
 
 
-def consistency_loss(S_a, S_b, flow_ab, O_est_a):
+def consistency_loss(S_a, S_b, flow_ab, O_est_a, detach_occ=True, reduction="mean"):
     """L_cons of one direction on the shared encoder's features.
 
     S_a, S_b: (B, C_S, h8, w8); flow_ab: (B, 2, h, w) the finest flow (the network's best estimate),
@@ -179,7 +198,7 @@ def consistency_loss(S_a, S_b, flow_ab, O_est_a):
     per pixel whatever C_S). Averaged over the pixels whose p + F(p) lies inside the frame: a pixel
     that leaves it has no feature to be consistent with (zero-filled, S' = 0 would tie S_a to 0).
 
-    O_est is a detached weight here (the paper is silent). With its gradient, the minimum of
+    O_est is a detached weight here (detach_occ; eq. (2) as written passes its gradient). With it, the minimum of
     lambda_cons (1 - O) d + lambda_occ BCE(O, 0) over O is O = 1 - lambda_occ / (lambda_cons d):
     near 1 for any feature distance d of an untrained encoder, so L_cons would switch itself off
     (measured: within one SGD step at lr 0.01). O_est still learns from L_occ and from L_pm, which
@@ -188,16 +207,16 @@ def consistency_loss(S_a, S_b, flow_ab, O_est_a):
     size = S_a.shape[2:]
     flow = warp.resize_flow(flow_ab, size)  # (B, 2, h8, w8) in feature pixels
     if torch.is_tensor(O_est_a):
-        O_est_a = F.interpolate(O_est_a.detach().float(), size=size, mode="bilinear",
+        O_est_a = F.interpolate((O_est_a.detach() if detach_occ else O_est_a).float(), size=size, mode="bilinear",
                                 align_corners=False)  # (B, 1, h8, w8)
     S_b_warped, valid = warp.backward_warp(S_b, flow)  # S' = Warp(S_b, F_a->b), (B, C_S, h8, w8) float32
     difference = S_a.to(S_b_warped.dtype) - S_b_warped  # (B, C_S, h8, w8)
     distance = torch.sqrt(difference.pow(2).sum(1, keepdim=True) + NORM_EPS)  # (B, 1, h8, w8), ||S - S'||_2
     # EFC eq. (2): L_cons = sum_xy (1 - O_est) ||S - S'||_2
-    return masked_mean((1 - O_est_a) * distance, valid)
+    return reduce_pixels((1 - O_est_a) * distance, valid, reduction)
 
 
-def occlusion_loss(O_est_a, flow_ba, alpha=ALPHA_OCC):
+def occlusion_loss(O_est_a, flow_ba, alpha=ALPHA_OCC, reduction="mean"):
     """L_occ of one scale and direction.
 
     O_est_a: (B, 1, h, w) sigmoid probabilities of frame a; flow_ba: (B, 2, h, w) the backward flow
@@ -212,7 +231,8 @@ def occlusion_loss(O_est_a, flow_ba, alpha=ALPHA_OCC):
     with _no_autocast(O_est_a):
         O_est = O_est_a.float()
         # EFC eq. (4): L_occ = sum_xy -log p(O_est = O_hat) - alpha exp(-O_est)
-        return masked_mean(F.binary_cross_entropy(O_est, O_hat, reduction="none") - alpha * torch.exp(-O_est))
+        return reduce_pixels(F.binary_cross_entropy(O_est, O_hat, reduction="none") - alpha * torch.exp(-O_est),
+                             reduction=reduction)
 
 
 @torch.no_grad()
@@ -243,7 +263,7 @@ def error_map(O_seg, O_est):
     return (O_seg - O_est).clamp(min=0)
 
 
-def segmentation_loss(logits, labels, aux=None):
+def segmentation_loss(logits, labels, aux=None, reduction="mean"):
     """L_seg: cross-entropy (B, K, H, W) vs labels (B, H, W), ignore 255, + 0.4 x the same on aux.
 
     Averaged over labelled pixels only; a batch whose labels are all 255 gives exactly 0.
@@ -257,31 +277,33 @@ def segmentation_loss(logits, labels, aux=None):
     def cross_entropy(x):
         # EFC eq. (8): L_seg = -sum_xy log p(M = M_gt)
         ce = F.cross_entropy(x.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B, H, W)
-        return masked_mean(ce, labels != IGNORE_INDEX)
+        return reduce_pixels(ce, labels != IGNORE_INDEX, reduction)
 
     return cross_entropy(logits) + (AUX_WEIGHT * cross_entropy(aux) if aux is not None else 0)
 
 
-def flow_scales(flows, occ, image_size):
+def flow_scales(flows, occ, image_size, full_res=True):
     """The grids the flow losses are computed on -> list of (flows, occ) dicts keyed 'a', 'b'.
 
     flows, occ: dicts 'a', 'b' -> lists of the decoder's (B, 2, h_l, w_l) flows and (B, 1, h_l, w_l)
     O_est, finest first; image_size (H, W). First the finest flow upsampled to the input resolution
     (resize_flow: values rescaled; O_est bilinearly), as GeoNet and UnFlow do: a warp at full
     resolution sees the image's own texture, where area-downsampled grids average it away (the
-    paper trains only the decoder's grids, so this term is our addition). Then every decoder grid
-    of at least MIN_GRID pixels on each side, finest first (the paper's multi-scale terms).
+    paper trains only the decoder's grids, so this term is our addition: full_res=False leaves it out).
+    Then every decoder grid of at least MIN_GRID pixels on each side, finest first (the paper's
+    multi-scale terms).
     """
     size = tuple(image_size)
     full = ({k: warp.resize_flow(v[0], size) for k, v in flows.items()},
             {k: F.interpolate(v[0].float(), size=size, mode="bilinear", align_corners=False) for k, v in occ.items()})
     decoder = [({k: v[level] for k, v in flows.items()}, {k: v[level] for k, v in occ.items()})
                for level in range(len(flows["a"])) if min(flows["a"][level].shape[2:]) >= MIN_GRID]
-    return [full] + decoder
+    return [full] * full_res + decoder
 
 
 def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, consistency=True,
-             flow_only=False, frozen_flow=False, warmup=False):
+             flow_only=False, frozen_flow=False, warmup=False, edge_weight=EDGE_WEIGHT, full_res_scale=True,
+             detach_occ_in_cons=True, reduction="mean"):
     """EFC eq. (9) on one pair: returns (total, terms), terms the unweighted L_seg, L_cons, L_occ,
     L_sm, L_pm and the warm-up term as detached tensors ('seg', 'cons', 'occ', 'sm', 'pm',
     'warmup'; a dropped term is 0).
@@ -299,6 +321,11 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
       flow_only=True     Table 2 "UL" (with occlusion: "UL + OE"): L = L_pm + 0.5 L_sm (+ 0.4 L_occ);
                          no segmentation, so no L_seg, L_cons or O_error (logits may be None)
       frozen_flow=True   Table 1 "TCC_fix": no L_pm, L_sm, L_occ; L_cons uses a detached flow
+    Our settings against the paper's (docs/choices.md#the-paper-recipe-against-the-papers):
+      edge_weight        L_sm's exp(-w |grad I|) (smoothness_loss; eq. (7): w = 1)
+      full_res_scale     the input-resolution scale of flow_scales (False: the decoder's grids alone)
+      detach_occ_in_cons O_est without gradient in L_cons (consistency_loss; False: eq. (2) as written)
+      reduction          "mean" over pixels, or "sum" per image as sum_xy (reduce_pixels)
     warmup=True (not in the paper; train.py --flow-warmup): the flow terms L_pm, L_sm, L_occ and
     L_cons are replaced by flow_regression_loss against the correlation's own soft-argmax flow
     (outputs 'match_ab', 'match_ba', from forward_pair(..., warmup=True)); L_seg stays. Why: from a
@@ -333,7 +360,7 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
     features = {"a": outputs["S_a"], "b": outputs["S_b"]}
     terms = {name: torch.zeros((), device=images["a"].device) for name in TERMS}
     use_error = error_mask and not flow_only
-    scales = [] if frozen_flow or warmup else flow_scales(flows, occ, images["a"].shape[2:])
+    scales = [] if frozen_flow or warmup else flow_scales(flows, occ, images["a"].shape[2:], full_res_scale)
     if warmup:
         size = images["a"].shape[2:]
         terms["warmup"] = flow_regression_loss(outputs, warp.resize_flow(outputs["match_ab"], size),
@@ -347,19 +374,20 @@ def efc_loss(outputs, batch, weights=None, *, occlusion=True, error_mask=True, c
             I_a, I_b = resize_image(images[a], size), resize_image(images[b], size)  # (B, 3, h, w)
             O_est = O[a] if occlusion else 0  # (B, 1, h, w)
             O_error = error_map(segmentation_mismatch(logits[a], logits[b], flow_ab), O_est) if use_error else 0
-            terms["pm"] = terms["pm"] + photometric_loss(I_a, I_b, flow_ab, O_est, O_error) / len(scales)
-            terms["sm"] = terms["sm"] + smoothness_loss(flow_ab, I_a) / len(scales)
+            terms["pm"] = terms["pm"] + photometric_loss(I_a, I_b, flow_ab, O_est, O_error, reduction) / len(scales)
+            terms["sm"] = terms["sm"] + smoothness_loss(flow_ab, I_a, edge_weight, reduction) / len(scales)
             if occlusion:
-                terms["occ"] = terms["occ"] + occlusion_loss(O_est, flow_ba) / len(scales)
+                terms["occ"] = terms["occ"] + occlusion_loss(O_est, flow_ba, reduction=reduction) / len(scales)
         if consistency and not flow_only:
             flow_ab = flows[a][0].detach() if frozen_flow else flows[a][0]  # finest scale
-            O_est = occ[a][0] if occlusion else 0  # a detached weight inside consistency_loss
-            terms["cons"] = terms["cons"] + consistency_loss(features[a], features[b], flow_ab, O_est)
+            O_est = occ[a][0] if occlusion else 0  # a detached weight inside consistency_loss (detach_occ_in_cons)
+            terms["cons"] = terms["cons"] + consistency_loss(features[a], features[b], flow_ab, O_est,
+                                                             detach_occ_in_cons, reduction)
 
     if not flow_only:
         labels = torch.cat((batch["label_a"], batch["label_b"]))  # (2B, H, W), both frames together
         aux = torch.cat((outputs["aux_a"], outputs["aux_b"])) if outputs.get("aux_a") is not None else None
-        terms["seg"] = segmentation_loss(torch.cat((logits["a"], logits["b"])), labels, aux)
+        terms["seg"] = segmentation_loss(torch.cat((logits["a"], logits["b"])), labels, aux, reduction)
     # EFC eq. (9): L = L_seg + lambda_cons L_cons + lambda_occ L_occ + lambda_sm L_sm + L_pm
     # (+ our warm-up term, 0 outside the warm-up, where the four flow terms are 0 instead)
     total = (terms["seg"] + lam["cons"] * terms["cons"] + lam["occ"] * terms["occ"]

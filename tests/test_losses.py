@@ -560,3 +560,66 @@ def test_warmup_replaces_the_flow_terms_by_the_regression_to_the_matching_flow()
     del outputs["match_ab"]
     with pytest.raises(ValueError, match="warmup=True"):
         losses.efc_loss(outputs, batch, warmup=True)
+
+
+# ------------------------------------------------------- the switches back to the paper's settings
+def test_sum_reduction_is_the_mean_times_the_pixels_per_image():
+    # EFC writes every term as sum_xy: reduction="sum" sums each image's counted pixels, averaged over images
+    x = torch.rand(3, 1, 5, 7)
+    mask = (torch.rand(3, 1, 5, 7) > 0.4).float()
+    count = mask.sum().item()
+    assert losses.reduce_pixels(x, mask, "sum").item() == pytest.approx(
+        losses.masked_mean(x, mask).item() * count / 3, rel=1e-6)
+    assert losses.reduce_pixels(x, None, "sum").item() == pytest.approx(x.mean().item() * 5 * 7, rel=1e-6)
+    labels = torch.randint(0, 4, (2, H, W))
+    labels[0, :10] = 255
+    logits = torch.randn(2, 4, H, W)
+    mean, total = (losses.segmentation_loss(logits, labels, reduction=r).item() for r in ("mean", "sum"))
+    assert total == pytest.approx(mean * (labels != 255).sum().item() / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="expected 'mean' or 'sum'"):
+        losses.reduce_pixels(x, None, "max")
+
+
+def test_edge_weight_is_the_constant_of_the_smoothness_edge_term():
+    flow = torch.zeros(1, 2, 4, 4)
+    flow[:, 0, :, 2:] = 1.0  # a jump of 1 px in u between columns 1 and 2
+    image = torch.zeros(1, 3, 4, 4)
+    image[..., 2:] = 0.1  # an image edge in the same place, |dI| = 0.1
+    # the jump is 4 of the 12 horizontal differences; no vertical ones
+    for w in (0.0, 1.0, losses.EDGE_WEIGHT):
+        expected = 4 * math.exp(-w * 0.1) / 12
+        assert losses.smoothness_loss(flow, image, edge_weight=w).item() == pytest.approx(expected, rel=1e-5)
+    assert losses.smoothness_loss(flow, image).item() == pytest.approx(4 * math.exp(-15) / 12, rel=1e-4)
+
+
+def test_full_res_scale_false_keeps_the_decoder_grids_alone():
+    flows = {k: [torch.randn(1, 2, s, s) for s in (24, 12, 6)] for k in "ab"}
+    occ = {k: [torch.rand(1, 1, s, s) for s in (24, 12, 6)] for k in "ab"}
+    scales = losses.flow_scales(flows, occ, (96, 96), full_res=False)
+    assert [tuple(f["a"].shape[2:]) for f, _ in scales] == [(24, 24), (12, 12)] and scales[0][0]["a"] is flows["a"][0]
+    outputs, batch = make_pair()
+    with_full = losses.efc_loss(outputs, batch)[1]
+    without = losses.efc_loss(outputs, batch, full_res_scale=False)[1]
+    for term in ("pm", "sm", "occ"):  # the flow terms change, L_seg and L_cons do not
+        assert with_full[term] != without[term], term
+    assert with_full["seg"] == without["seg"] and with_full["cons"] == without["cons"]
+
+
+def test_detach_occ_in_cons_false_passes_the_gradient_into_O_est():
+    S_a, S_b = torch.randn(1, 8, 4, 6, requires_grad=True), torch.randn(1, 8, 4, 6)
+    flow = torch.zeros(1, 2, 8, 12)
+    grads = {}
+    for detach in (True, False):
+        logit = torch.zeros(1, 1, 8, 12, requires_grad=True)
+        loss = losses.consistency_loss(S_a, S_b, flow, torch.sigmoid(logit), detach_occ=detach)
+        loss.backward()
+        grads[detach] = logit.grad
+    assert grads[True] is None
+    # d/dO of mean((1 - O) d) is -d / count: O_est is pushed up where the features differ
+    assert grads[False] is not None and (grads[False] < 0).all()
+    outputs, batch = make_pair()
+    losses.efc_loss(outputs, batch, detach_occ_in_cons=False, weights={"occ": 0, "sm": 0})[0].backward()
+    with_gradient = outputs["occ_a"][0].grad.clone()
+    outputs, batch = make_pair()
+    losses.efc_loss(outputs, batch, weights={"occ": 0, "sm": 0})[0].backward()
+    assert not torch.allclose(with_gradient, outputs["occ_a"][0].grad)

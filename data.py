@@ -14,12 +14,16 @@ Sections, in file order
                            snippet, five of which contain the labelled frame (Table 1's rows:
                            _PairDataset.set_pair_mode)
        CityscapesFlow2Seg  Flow2Seg 4.1: the labelled 20th frame, the 19th, and the flow F_t->t-1
-       CityscapesImages    single labelled frames (PSPNet / Image2Seg training, evaluation)
+       CityscapesImages    single labelled frames (PSPNet / Image2Seg training, evaluation), gtFine
+                           plus, with coarse_splits, gtCoarse (EFC Table 3 "PSP CRS", Flow2Seg 4.4)
        SyntheticSequence   every consecutive pair of the synthetic world with all ground truth
        CamVid              SegNet layout, 11 classes (EFC Table 4), optional video neighbours
        KittiFlow           KITTI 2015 flow (EFC Tables 2 and 5) and unlabelled pairs
+     (KITTI raw with pseudo-labels, EFC's flow training set, is kitti_raw.py's KittiRaw.)
   6. Augmentation, identical on every image, label, flow and mask of a sample (EFC "Implementation
      Details"; Flow2Seg 4.2)                                           JointTransform
+     each paper's own list (train.py's --recipe paper) and the quick recipe's
+                                                                       paper_augmentation, quick_augmentation
   7. Loading, command lines and pictures: one_line_errors, progress, worker_init_fn, flow_to_color, colorize
 
 A sample is a dict of tensors, recognised by dtype and shape (section 6 relies on it):
@@ -357,13 +361,13 @@ def world_is_incomplete(root):
 # JointTransform) or, without one, only normalised.
 # =============================================================================================
 Snippet = namedtuple("Snippet", "frames labelled label")  # frame paths in time order, labelled frame's index, its label
-CITYSCAPES_NAME = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})_gtFine_(?P<kind>labelIds|labelTrainIds)"
-                             r"\.png$")
+CITYSCAPES_NAME = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})_(?P<annotation>gtFine|gtCoarse)_"
+                             r"(?P<kind>labelIds|labelTrainIds)\.png$")
 
 
-def _cityscapes_layout(root, split, images="leftImg8bit_sequence"):
+def _cityscapes_layout(root, split, images="leftImg8bit_sequence", annotation="gtFine"):
     what = "the 30 frames of each snippet" if images == "leftImg8bit_sequence" else "the labelled frames"
-    return (f"expected the Cityscapes layout {root}/gtFine/{split}/CITY/CITY_SEQ_FRAME_gtFine_labelIds.png "
+    return (f"expected the Cityscapes layout {root}/{annotation}/{split}/CITY/CITY_SEQ_FRAME_{annotation}_labelIds.png "
             f"(or _labelTrainIds.png) and {root}/{images}/{split}/CITY/CITY_SEQ_FRAME_leftImg8bit.png for {what}")
 
 
@@ -387,25 +391,28 @@ def _lister(layout):
     return names
 
 
-def _cityscapes_labelled(root, split, images="leftImg8bit_sequence"):
+def _cityscapes_labelled(root, split, images="leftImg8bit_sequence", annotation="gtFine"):
     """Every labelled frame of a split -> [(city, seq, frame number, label path)], sorted.
 
-    A frame with both *_gtFine_labelTrainIds.png and *_gtFine_labelIds.png uses the train ids.
+    annotation: "gtFine", or "gtCoarse" for the coarse annotations (splits train, val and
+    train_extra, the 20,000 extra images). A frame with both *_labelTrainIds.png and
+    *_labelIds.png uses the train ids.
     """
-    layout = _cityscapes_layout(root, split, images)
-    gt = Path(root) / "gtFine" / split
+    layout = _cityscapes_layout(root, split, images, annotation)
+    gt = Path(root) / annotation / split
     if not gt.is_dir():
         raise FileNotFoundError(f"{gt} not found: {layout}")
     found = {}
     for city in sorted(p for p in gt.iterdir() if p.is_dir()):
         for name in sorted(os.listdir(city)):
             m = CITYSCAPES_NAME.match(name)
-            if m:
+            if m and m["annotation"] == annotation:
                 key = (m["city"], m["seq"], int(m["frame"]))
                 if m["kind"] == "labelTrainIds" or key not in found:
                     found[key] = city / name
     if not found:
-        raise FileNotFoundError(f"{gt} holds no *_gtFine_labelIds.png or *_gtFine_labelTrainIds.png: {layout}")
+        raise FileNotFoundError(f"{gt} holds no *_{annotation}_labelIds.png or *_{annotation}_labelTrainIds.png: "
+                                f"{layout}")
     return [key + (path,) for key, path in sorted(found.items())]
 
 
@@ -420,8 +427,9 @@ def _dataset_classes(root):
 
 
 def _read_cityscapes_label(path, num_classes):
-    """A gtFine label -> (H, W) int64 train ids: *_labelTrainIds.png as stored, *_labelIds.png mapped
-    with the official table (every id whose trainId is 255 becomes 255)."""
+    """A gtFine or gtCoarse label -> (H, W) int64 train ids: *_labelTrainIds.png as stored,
+    *_labelIds.png mapped with the official table (every id whose trainId is 255 becomes 255; in a
+    coarse label that is every unannotated pixel, id 0)."""
     if Path(path).name.endswith("_labelTrainIds.png"):
         return read_label(path, train_id_lut(num_classes), f"train ids 0..{num_classes - 1} and 255")
     return read_label(path, CITYSCAPES_LABEL_LUT, "Cityscapes label ids 0..33")
@@ -685,21 +693,29 @@ class CityscapesImages(Dataset):
     """Single labelled frames: leftImg8bit/{split}/CITY/*_leftImg8bit.png with their gtFine labels
     (image-only training of PSPNet / Image2Seg, evaluation). On a tree without leftImg8bit (the
     synthetic world) it falls back to the labelled frames of leftImg8bit_sequence, which are the
-    same images. Items: image (3, H, W) normalised, label (H, W) int64."""
+    same images. Items: image (3, H, W) normalised, label (H, W) int64.
 
-    def __init__(self, root, split, transform=None, num_classes=None):
+    coarse_splits: splits whose gtCoarse labels are added to the gtFine ones, e.g. ("train_extra",)
+    for the 20,000 coarsely annotated images of EFC Table 3's "PSP CRS" (PSPNet "trained with both
+    finely and coarsely annotated data") and of Flow2Seg 4.4 ("we use both coarse and fine data to
+    train Image2Seg model"). Neither paper says which coarse splits: train_extra only is our choice,
+    since gtCoarse/train holds coarser labels of the very images gtFine/train labels finely.
+    """
+
+    def __init__(self, root, split, transform=None, num_classes=None, coarse_splits=()):
         self.root, self.split, self.transform = Path(root), split, transform
         self.classes = _dataset_classes(root)
         self.num_classes = num_classes or len(self.classes)
         folder = "leftImg8bit" if (self.root / "leftImg8bit").is_dir() else "leftImg8bit_sequence"
-        layout = _cityscapes_layout(root, split, folder)
-        listing = _lister(layout)
         self.items = []  # (image, label) paths
-        for city, seq, frame, label in _cityscapes_labelled(self.root, split, folder):
-            image = self.root / folder / split / city / f"{city}_{seq}_{frame:06d}_leftImg8bit.png"
-            if image.name not in listing(image.parent):
-                raise FileNotFoundError(f"{image} not found, the image of {label}; {layout}")
-            self.items.append((image, label))
+        for images_of, annotation in [(split, "gtFine")] + [(s, "gtCoarse") for s in coarse_splits]:
+            layout = _cityscapes_layout(root, images_of, folder, annotation)
+            listing = _lister(layout)
+            for city, seq, frame, label in _cityscapes_labelled(self.root, images_of, folder, annotation):
+                image = self.root / folder / images_of / city / f"{city}_{seq}_{frame:06d}_leftImg8bit.png"
+                if image.name not in listing(image.parent):
+                    raise FileNotFoundError(f"{image} not found, the image of {label}; {layout}")
+                self.items.append((image, label))
 
     def __len__(self):
         return len(self.items)
@@ -1046,6 +1062,13 @@ def _jitter_sample(sample, brightness, contrast, saturation):
     return out
 
 
+def _shift_sample(sample, offsets):
+    """Add offsets (three numbers, on [0, 1] RGB) to the channels of every image; clamp to [0, 1]."""
+    offset = torch.tensor(offsets, dtype=torch.float32).view(3, 1, 1)
+    return {key: (value + offset).clamp(0, 1) if _kind(key, value) == "image" else value
+            for key, value in sample.items()}
+
+
 def normalize_sample(sample):
     """ImageNet-normalise every image of a sample (the last step of every dataset)."""
     return {key: normalize(value[None])[0] if _kind(key, value) == "image" else value for key, value in sample.items()}
@@ -1062,22 +1085,30 @@ class JointTransform:
     Jitter comes first because it is an affine colour map and so commutes with the resampling;
     applied first, it leaves padded pixels at exactly 0.
     With train=False only a centre crop (if `crop`) and the normalisation are applied.
+    `shift` > 0 adds Flow2Seg's colour jitter after the factors: one offset per RGB channel, uniform
+    in [-shift, shift] grey levels (of 255), the same for every frame.
     Defaults: scale [0.5, 2] (Flow2Seg 4.2); rotation +-10 degrees and jitter 0.1 are our choices
-    (EFC uses both without giving ranges; Flow2Seg's jitter of +-10 grey levels is about +-0.04).
+    (EFC uses both without giving ranges); each paper's own list is `paper_augmentation`.
     pad=False (the networks whose flow learns from photometric losses, see train.training_dataset)
     keeps every crop pixel inside the image: the scale's lower bound rises to the smallest scale at
-    which the image covers the crop, and `rotate` must be 0 (a rotated frame's corners are padding).
+    which the image covers the crop. With a rotation too, the angle is drawn first, the scale's lower
+    bound rises to the smallest scale at which the rotated image holds the crop at that angle
+    (`rotated_crop_extent`), and the crop is drawn only where all of it lies inside the rotated image
+    (`_rotate_crop_sample`); the flip follows the crop.
 
     Randomness comes from torch's global generator, which DataLoader seeds differently in each
     worker (see worker_init_fn); every entry of one sample uses the same draw.
     """
 
-    def __init__(self, crop=None, scale=(0.5, 2.0), flip=True, rotate=10.0, jitter=0.1, train=True, pad=True):
+    def __init__(self, crop=None, scale=(0.5, 2.0), flip=True, rotate=10.0, jitter=0.1, train=True, pad=True,
+                 shift=0.0):
         self.crop = None if crop is None else (int(crop[0]), int(crop[1]))
-        self.scale, self.rotate, self.train, self.pad = scale, float(rotate), train, pad
-        if not pad and self.rotate:
-            raise ValueError(f"JointTransform: pad=False needs rotate=0 (got {rotate}): the corners of a "
-                             "rotated frame are padding")
+        self.scale, self.rotate, self.train, self.pad, self.shift = scale, float(rotate), train, pad, float(shift)
+        if not pad and self.rotate and self.crop is None:
+            raise ValueError(f"JointTransform: pad=False with rotate={rotate} needs a crop: without one, the "
+                             "corners of a rotated frame are padding")
+        if not 0 <= self.rotate < 45:
+            raise ValueError(f"JointTransform: rotate={rotate} must be in [0, 45) degrees")
         self.flip = 0.5 if flip is True else float(flip)
         self.jitter = (float(jitter),) * 3 if np.isscalar(jitter) else tuple(float(j) for j in jitter)
 
@@ -1090,6 +1121,10 @@ class JointTransform:
         if self.train:
             if any(self.jitter):
                 sample = _jitter_sample(sample, *(1 + _uniform(-j, j) for j in self.jitter))
+            if self.shift:
+                sample = _shift_sample(sample, [_uniform(-self.shift, self.shift) / 255 for _ in range(3)])
+            if not self.pad and self.rotate:
+                return normalize_sample(self._rotate_inside(sample, H, W))
             if self.scale:
                 low, high = self.scale
                 if not self.pad and self.crop is not None:  # the smallest scale at which the image covers the crop
@@ -1113,9 +1148,137 @@ class JointTransform:
             sample = crop_sample(sample, top, left, h, w)
         return normalize_sample(sample)
 
+    def _rotate_inside(self, sample, H, W):
+        """pad=False with a rotation: angle, then scale, then a crop inside the rotated image, then flip."""
+        h, w = self.crop
+        degrees = _uniform(-self.rotate, self.rotate)
+        need_h, need_w = rotated_crop_extent(h, w, degrees)
+        low, high = self.scale or (1.0, 1.0)  # no scale range: resized only where the frame cannot hold the crop
+        low = max(low, need_h / H, need_w / W)  # the raised floor of this draw's scale
+        s = _uniform(low, max(low, high))
+        size = max(need_h, round(H * s)), max(need_w, round(W * s))  # rounding must not leave the crop short
+        if size != (H, W):
+            sample = _resize_sample(sample, size)
+        sample = _rotate_crop_sample(sample, degrees, *inscribed_crop(*size, h, w, degrees))
+        if torch.rand(()).item() < self.flip:
+            sample = _flip_sample(sample)
+        return sample
+
 
 def _uniform(low, high):
     return low + (high - low) * torch.rand(()).item()
+
+
+def paper_augmentation(method):
+    """JointTransform keyword arguments of each paper's augmentation (train.py's --recipe paper).
+
+    EFC "Implementation Details": "We also perform random scaling, rotation, flip and other color
+    augmentations for data augmentation", with no ranges. EFC's baseline is the original PSPNet
+    (Zhao et al. 2017), trained with scale [0.5, 2] and rotation [-10, 10] degrees: we take those. The colour
+    augmentation's range is not given: our jitter of 0.1 (brightness, contrast, saturation). EFC's
+    PSPNet baseline and flow branch alone use the same ("All experiments use the same training
+    setting", "Ablation Study"). efc and flow learn their flow from photometric losses: pad=False
+    keeps black borders out of them, so the crop lies inside the rotated frame (JointTransform).
+    Flow2Seg 4.2: "random horizontal flipping, random cropping, random color jittering within the
+    range of [-10, 10], and random scaling in the range of [0.5, 2]", on image and flow; no rotation.
+    The paper does not say whether the jitter is one offset or one per channel: one per RGB channel
+    ("color"), in grey levels of 255, on the images only (a flow has no colour).
+    """
+    if method == "flow2seg":
+        return dict(scale=(0.5, 2.0), rotate=0.0, flip=True, jitter=0.0, shift=10.0, pad=True)
+    if method in ("psp", "efc", "flow"):
+        return dict(scale=(0.5, 2.0), rotate=10.0, flip=True, jitter=0.1, shift=0.0, pad=method == "psp")
+    raise ValueError(f"paper_augmentation: unknown method {method!r}, expected psp, flow2seg, efc or flow")
+
+
+def quick_augmentation(photometric):
+    """JointTransform keyword arguments of the quick recipe: the defaults (scale [0.5, 2], rotation
+    +-10 degrees, jitter 0.1, padding), and for a flow that learns from photometric losses no padding
+    and no rotation (train.training_dataset explains why; docs/learning.md#choices-measured-on-the-world)."""
+    return dict(pad=False, rotate=0.0) if photometric else {}
+
+
+def rotated_crop_extent(h, w, degrees):
+    """The smallest image (H, W), in whole pixels, that holds an h x w crop rotated by `degrees`
+    with every crop pixel inside, after rounding the crop's position to whole pixels.
+
+    An axis-aligned window of half-sizes a = (w - 1) / 2, b = (h - 1) / 2 (pixel centres) seen in
+    the frame of an image rotated by theta spans |cos| a + |sin| b and |sin| a + |cos| b; rounding
+    its position moves it by up to half a pixel in x and y, which costs (|cos| + |sin|) / 2 more on
+    each side. So H - 1 >= |sin| (w - 1) + |cos| (h - 1) + |cos| + |sin|, and W likewise.
+    """
+    cos, sin = abs(np.cos(np.deg2rad(degrees))), abs(np.sin(np.deg2rad(degrees)))
+    need_h = 1 + sin * w + cos * h
+    need_w = 1 + cos * w + sin * h
+    return int(np.ceil(need_h - 1e-9)), int(np.ceil(need_w - 1e-9))
+
+
+def inscribed_crop(H, W, h, w, degrees):
+    """A uniform random position (top, left, h, w) of an h x w crop inside an H x W image rotated by
+    `degrees` about its centre (as _rotate_sample turns it), every crop pixel inside the image.
+
+    The crop's centre C, mapped back into the unrotated image, must lie in a rectangle there (of
+    half-sizes A, B: the image's half-sizes minus the rotated crop's, see rotated_crop_extent), so
+    the largest region of allowed positions is that rectangle rotated: a point g drawn uniformly in
+    it gives C = c + R g, c the image centre. Rounding (top, left) to whole pixels stays inside,
+    because A and B keep the rounding margin.
+    """
+    theta = np.deg2rad(degrees)
+    cos, sin = float(np.cos(theta)), float(np.sin(theta))
+    a, b, margin = (w - 1) / 2, (h - 1) / 2, (abs(cos) + abs(sin)) / 2
+    A = (W - 1) / 2 - abs(cos) * a - abs(sin) * b - margin
+    B = (H - 1) / 2 - abs(sin) * a - abs(cos) * b - margin
+    if A < -1e-9 or B < -1e-9:  # an image of exactly rotated_crop_extent's size leaves 0, up to rounding
+        need_h, need_w = rotated_crop_extent(h, w, degrees)
+        raise ValueError(f"a {w}x{h} crop rotated by {degrees:.2f} degrees needs an image of at least "
+                         f"{need_w}x{need_h}, got {W}x{H} (width x height)")
+    A, B = max(A, 0.0), max(B, 0.0)
+    gx, gy = _uniform(-A, A), _uniform(-B, B)
+    cx, cy = (W - 1) / 2 + cos * gx - sin * gy, (H - 1) / 2 + sin * gx + cos * gy  # C = c + R g
+    return int(round(cy - b)), int(round(cx - a)), h, w
+
+
+def _sample_at(x, pos, mode):
+    """x (C, H, W) sampled at positions pos (2, h, w) (x, y in pixels, inside [0, W-1] x [0, H-1])
+    -> (C, h, w): "bilinear" by F.grid_sample (align_corners=True, coordinates normalised by
+    max(W - 1, 1)), "nearest" by indexing the nearest pixel (exact, for labels and masks)."""
+    H, W = x.shape[-2:]
+    if mode == "nearest":
+        ix = pos[0].round().long().clamp(0, W - 1)
+        iy = pos[1].round().long().clamp(0, H - 1)
+        return x[..., iy, ix]
+    grid = torch.stack([2 * pos[0] / max(W - 1, 1) - 1, 2 * pos[1] / max(H - 1, 1) - 1], dim=-1)  # (h, w, 2)
+    return F.grid_sample(x[None].float(), grid[None].float(), mode="bilinear", align_corners=True)[0]
+
+
+def _rotate_crop_sample(sample, degrees, top, left, h, w):
+    """The window [top, top + h) x [left, left + w) of the sample rotated by `degrees` about its
+    image centre (the geometry of _rotate_sample, whose canvas is the input's size), computed for the
+    window alone: crop pixel q samples the input at p = c + R^T (q - c), and flow vectors turn with
+    the image, F'(q) = R F(p). `inscribed_crop` puts every p inside the image; one that is not (a
+    window placed by hand) is an error, never padding."""
+    H, W = _size(sample)
+    theta = np.deg2rad(degrees)
+    cos, sin = float(np.cos(theta)), float(np.sin(theta))
+    q = pixel_grid(h, w, dtype=torch.float64) + torch.tensor([left, top], dtype=torch.float64).view(2, 1, 1)
+    dx, dy = q[0] - (W - 1) / 2, q[1] - (H - 1) / 2
+    pos = torch.stack([(W - 1) / 2 + cos * dx + sin * dy, (H - 1) / 2 - sin * dx + cos * dy])  # (2, h, w) p
+    tolerance = 1e-6  # float64 rounding of the positions, far below a pixel
+    outside = ((pos[0] < -tolerance) | (pos[0] > W - 1 + tolerance)
+               | (pos[1] < -tolerance) | (pos[1] > H - 1 + tolerance))
+    if outside.any():
+        raise ValueError(f"_rotate_crop_sample: {int(outside.sum())} pixels of the {w}x{h} window at (left={left}, "
+                         f"top={top}) fall outside the {W}x{H} image rotated by {degrees:.2f} degrees")
+    pos = torch.stack([pos[0].clamp(0, W - 1), pos[1].clamp(0, H - 1)])  # float rounding only
+
+    def flow(f, valid):
+        g = _sample_at(f, pos, "bilinear")
+        kept = _sample_at(valid[None].float(), pos, "bilinear")[0] > 0.999  # no blend with an invalid pixel
+        return torch.stack([cos * g[0] - sin * g[1], sin * g[0] + cos * g[1]]), kept
+
+    return _map_sample(sample, image=lambda x: _sample_at(x, pos, "bilinear"),
+                       label=lambda x: _sample_at(x, pos, "nearest"),
+                       mask=lambda x, fill: _sample_at(x, pos, "nearest"), flow=flow)
 
 
 # =============================================================================================

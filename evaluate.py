@@ -12,8 +12,11 @@ Covers
                                                                           -> segment_multiscale, segment_sliding
   train.py's periodic validation                                          -> validate
   A run's curves (loss terms, validation metrics) from its log.jsonl       -> draw_curves
+  EFC "Dataset and Setting" (KITTI): coarse segmentation labels of KITTI raw frames "through a model
+                trained on Cityscapes" (--pseudo-labels; kitti_raw.py reads them) -> write_pseudo_labels
   The command line: any checkpoint on its validation set (a table, metrics.json, pictures),
-  Cityscapes / KITTI submission files, and a folder of frames without ground truth (see main()).
+  Cityscapes / KITTI submission files, a folder of frames without ground truth, and KITTI raw
+  pseudo-labels (see main()).
 
 Choices where the papers are silent (each also stated where it is made):
   * IoU of a class absent from both ground truth and prediction is NaN and left out of the mean
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import kitti_raw
 import model as models
 import warp
 
@@ -1139,7 +1143,40 @@ def run_frames(model, method, frames, out, device, palette, inference=None, flow
 
 
 # =============================================================================================
-# 9. The table and the command line
+# 9. Pseudo-labels for KITTI raw (EFC "Dataset and Setting": "we generate some coarse segmentation
+# results as the segmentation ground truths through a model trained on Cityscapes")
+# =============================================================================================
+@torch.no_grad()
+def write_pseudo_labels(model, method, frames, raw_root, out, device, inference=None, log=print):
+    """The segmentation of every frame as a label PNG (kitti_raw.label_path: `out` mirrors the raw
+    layout under raw_root), values the argmax train ids of `model`. The paper names no confidence
+    threshold, so none is applied: the plain argmax, no pixel 255. Inference as `infer` (single
+    scale by default; --mode multiscale gives PSPNet's test procedure). Returns the number written."""
+    if method not in ("psp", "efc"):
+        raise ValueError(f"pseudo-labels come from a segmentation network on single frames (psp or efc), "
+                         f"not {method}" + (" (it needs a flow input)" if method == "flow2seg" else ""))
+    for k, frame in enumerate(frames):
+        image = data.normalize(data.image_tensor(frame)[None]).to(device)  # (1, 3, H, W)
+        prediction = infer(model, method, image, **(inference or {})).argmax(1)[0]  # (H, W) train ids
+        kitti_raw.write_label(kitti_raw.label_path(out, raw_root, frame), prediction.cpu().numpy())
+        log(f"\rpseudo-labels: {k + 1}/{len(frames)}", end="", flush=True)
+    log("")
+    return len(frames)
+
+
+def _pseudo_label_command(args, net, checkpoint, inference, device):
+    """evaluate.py --pseudo-labels RAW --out LABELS: the labels kitti_raw.KittiRaw reads."""
+    config = checkpoint["config"]
+    if config["dataset"] != "cityscapes" or config["num_classes"] != len(data.CITYSCAPES_CLASSES):
+        raise ValueError(f"{args.checkpoint}: pseudo-labels need a Cityscapes model (19 train ids), this one "
+                         f"was trained on {config['dataset']} with {config['num_classes']} classes")
+    frames = kitti_raw.labelled_frames(args.pseudo_labels)
+    count = write_pseudo_labels(net, checkpoint["method"], frames, args.pseudo_labels, args.out, device, inference)
+    print(f"wrote {count} pseudo-labels of {args.pseudo_labels} ({describe_inference(inference)}) under {args.out}")
+
+
+# =============================================================================================
+# 10. The table and the command line
 # =============================================================================================
 def _number(value, scale=1.0, width=9, digits=2):
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -1203,6 +1240,23 @@ def json_safe(value):
     return value
 
 
+def check_arguments(parser, args):
+    """The flags' combinations main() refuses, each in one line."""
+    if not args.checkpoint:
+        parser.error("give --checkpoint CKPT (or --curves RUN_DIR)")
+    if args.pictures < 0 or (args.max_items is not None and args.max_items < 1):
+        parser.error(f"--pictures {args.pictures} must be >= 0 and --max-items {args.max_items} >= 1")
+    if not 0 < args.stride_rate <= 1 or any(s <= 0 for s in args.scales) or (args.crop and min(args.crop) < 1):
+        parser.error(f"--stride-rate {args.stride_rate} must be in (0, 1], --scales {args.scales} positive, "
+                     f"--crop {args.crop} at least 1 x 1")
+    if (args.frames or args.pseudo_labels) and not args.out:
+        parser.error(f"{'--frames' if args.frames else '--pseudo-labels'} writes to --out: give --out DIR")
+    if args.frames and args.submit or args.flow_checkpoint and not args.frames:
+        parser.error("--flow-checkpoint goes with --frames, --submit with a dataset (not --frames)")
+    if args.pseudo_labels and (args.frames or args.submit):
+        parser.error("--pseudo-labels goes alone: not with --frames or --submit")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Evaluate a train.py checkpoint on its validation set (table, metrics.json, pictures), write "
@@ -1232,6 +1286,9 @@ def main(argv=None):
     parser.add_argument("--max-items", type=int, help="evaluate only the first N items of each dataset")
     parser.add_argument("--frames", help="a folder of video frames without ground truth (needs --out)")
     parser.add_argument("--flow-checkpoint", help="with --frames: an efc or flow checkpoint giving the flow")
+    parser.add_argument("--pseudo-labels", metavar="KITTI_RAW",
+                        help="write pseudo-labels (argmax train ids) of a KITTI raw root's labelled frames with a "
+                             "Cityscapes checkpoint to --out, for train.py's KITTI raw (kitti_raw.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = data.one_line_errors(parser).parse_args(argv)
     if args.curves:
@@ -1243,20 +1300,13 @@ def main(argv=None):
         except (ValueError, KeyError, json.JSONDecodeError) as e:
             parser.error(f"--curves {args.curves}: {e}")
         return
-    if not args.checkpoint:
-        parser.error("give --checkpoint CKPT (or --curves RUN_DIR)")
-    if args.pictures < 0 or (args.max_items is not None and args.max_items < 1):
-        parser.error(f"--pictures {args.pictures} must be >= 0 and --max-items {args.max_items} >= 1")
-    if not 0 < args.stride_rate <= 1 or any(s <= 0 for s in args.scales) or (args.crop and min(args.crop) < 1):
-        parser.error(f"--stride-rate {args.stride_rate} must be in (0, 1], --scales {args.scales} positive, "
-                     f"--crop {args.crop} at least 1 x 1")
-    if args.frames and not args.out:
-        parser.error("--frames writes its predictions to --out: give --out DIR")
-    if args.frames and args.submit or args.flow_checkpoint and not args.frames:
-        parser.error("--flow-checkpoint goes with --frames, --submit with a dataset (not --frames)")
+    check_arguments(parser, args)
     try:
         device = torch.device(args.device)
         net, checkpoint = load_checkpoint(args.checkpoint, device)
+        if args.pseudo_labels:
+            inference = inference_mode(args.mode, args.scales, not args.no_flip, args.crop, args.stride_rate)
+            return _pseudo_label_command(args, net, checkpoint, inference, device)
         config = config_of(checkpoint, args.dataset, args.data_root, None if args.frames else args.flow_dir)
         method = config["method"]
         inference = inference_mode(args.mode, args.scales, not args.no_flip, args.crop, args.stride_rate)

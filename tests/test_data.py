@@ -297,6 +297,8 @@ OFF = dict(scale=None, flip=False, rotate=0, jitter=0)
     ("crop", dict(OFF, crop=(40, 40))),
     ("pad", dict(OFF, crop=(60, 80))),
     ("all", dict(crop=(56, 56), scale=(0.5, 2.0), flip=True, rotate=15, jitter=0.2)),
+    ("rotation unpadded", dict(OFF, crop=(32, 40), rotate=10, pad=False)),
+    ("all unpadded", dict(crop=(32, 40), scale=(0.5, 2.0), flip=True, rotate=10, jitter=0.2, shift=10, pad=False)),
 ])
 def test_augmentation_keeps_the_flow_consistent(world, name, options):
     # The flow is 1.5 to 6 px long, so a vector not flipped, scaled or rotated with the image
@@ -380,8 +382,110 @@ def test_without_padding_every_crop_pixel_is_image_and_the_scale_still_varies():
         assert (denormalize(out["image_a"][None])[0] > 0.05).all()  # no black padding pixel
         means.add(round(out["flow"].abs().mean().item(), 3))  # flow values scale with the draw
     assert len(means) > 30
-    with pytest.raises(ValueError, match="rotate=0"):
-        JointTransform(crop=(40, 56), pad=False)
+    with pytest.raises(ValueError, match="pad=False with rotate=10.0 needs a crop"):
+        JointTransform(pad=False)
+
+
+def test_paper_recipes_have_each_papers_ranges():
+    # EFC: scaling, rotation, flip, colour ("Implementation Details"; ranges PSPNet's), unpadded where
+    # the flow learns from photometric losses; Flow2Seg 4.2: flip, crop, colour [-10, 10], scale [0.5, 2]
+    efc = data.paper_augmentation("efc")
+    assert efc == dict(scale=(0.5, 2.0), rotate=10.0, flip=True, jitter=0.1, shift=0.0, pad=False)
+    assert data.paper_augmentation("flow") == efc and data.paper_augmentation("psp") == dict(efc, pad=True)
+    assert data.paper_augmentation("flow2seg") == dict(scale=(0.5, 2.0), rotate=0.0, flip=True, jitter=0.0,
+                                                       shift=10.0, pad=True)
+    assert data.quick_augmentation(True) == dict(pad=False, rotate=0.0) and data.quick_augmentation(False) == {}
+    with pytest.raises(ValueError, match="unknown method 'seg'"):
+        data.paper_augmentation("seg")
+    # the transforms they build draw within those ranges: Flow2Seg's colour offsets stay within
+    # +-10 grey levels, one per channel, the same on both frames, and nothing rotates
+    sample = {"image_a": torch.full((3, 40, 60), 0.5), "image_b": torch.full((3, 40, 60), 0.5)}
+    transform = JointTransform(crop=(40, 60), **dict(data.paper_augmentation("flow2seg"), scale=None, flip=False))
+    offsets = []
+    for _ in range(200):
+        out = transform(sample)
+        a, b = (denormalize(out[k][None])[0] for k in ("image_a", "image_b"))
+        assert torch.allclose(a, b) and torch.allclose(a, a[:, :1, :1], atol=1e-5)  # uniform: no rotation, no blur
+        offsets.append((a[:, 0, 0] - 0.5) * 255)
+    offsets = torch.stack(offsets)
+    assert offsets.abs().max() <= 10 + 1e-3 and offsets.abs().max() > 9
+    assert (offsets[:, 0] - offsets[:, 1]).abs().max() > 1  # the channels draw their own offsets
+
+
+def test_efc_paper_rotation_and_scale_ranges_and_the_raised_scale_floor(monkeypatch):
+    # EFC's transform turns by up to +-10 degrees and scales up to 2; the floor of each draw's scale
+    # is the smallest at which the rotated frame holds the crop
+    draws = []
+    real = data._rotate_crop_sample
+    monkeypatch.setattr(data, "_rotate_crop_sample",
+                        lambda sample, degrees, *window: draws.append((degrees, data._size(sample))) or
+                        real(sample, degrees, *window))
+    transform = JointTransform(crop=(40, 40), **data.paper_augmentation("efc"))
+    sample = {"image_a": torch.rand(3, 100, 200)}
+    torch.manual_seed(0)
+    for _ in range(300):
+        transform(sample)
+    angles = torch.tensor([d for d, _ in draws])
+    scales = torch.tensor([size[1] / 200 for _, size in draws])
+    assert angles.abs().max() <= 10 and angles.min() < -9 and angles.max() > 9
+    assert scales.max() <= 2 and scales.max() > 1.9 and scales.min() < 0.55  # the paper's [0.5, 2], a 40 crop fits
+    big = JointTransform(crop=(90, 90), **data.paper_augmentation("efc"))
+    draws.clear()
+    for _ in range(100):
+        big(sample)
+    for degrees, (H, W) in draws:  # a 90 x 90 crop at angle theta needs 1 + 90 (|cos| + |sin|) rows
+        assert H >= 1 + 90 * (abs(np.cos(np.deg2rad(degrees))) + abs(np.sin(np.deg2rad(degrees))))
+    # the floor follows each draw's angle (91 rows near 0 degrees, 106 at 10), not the worst case
+    assert min(H for _, (H, _) in draws) < 106 and max(H for _, (H, _) in draws) > 180
+    assert data.rotated_crop_extent(90, 90, 10.0) == data.rotated_crop_extent(90, 90, -10.0) == (106, 106)
+    assert data.rotated_crop_extent(40, 60, 0.0) == (41, 61)
+
+
+def test_rotation_without_padding_brings_in_no_pixel_from_outside_the_image():
+    # An all-ones frame (and an all-valid flow, labels 3, a mask of False) turned and cropped, at
+    # the largest angle and at scales down to the floor: every output pixel is interpolated from
+    # image pixels only, so it stays 1 (to float rounding), no label is 255 and the flow stays valid.
+    ones = {"image_a": torch.ones(3, 60, 90), "image_b": torch.ones(3, 60, 90), "label_a": torch.full((60, 90), 3),
+            "flow": torch.ones(2, 60, 90), "occ": torch.zeros(60, 90, dtype=torch.bool)}
+    torch.manual_seed(0)
+    for rotate, crop in ((10, (48, 64)), (10, (20, 80)), (30, (30, 30))):
+        transform = JointTransform(crop=crop, scale=(0.5, 2.0), rotate=rotate, jitter=0, pad=False)
+        for _ in range(60):
+            out = transform(ones)
+            for key in ("image_a", "image_b"):
+                image = denormalize(out[key][None])[0]
+                assert image.shape[1:] == crop and (image - 1).abs().max() < 1e-5, key
+            assert out["flow_valid"].all() and (out["label_a"] == 3).all() and not out["occ"].any()
+    # the same windows placed by hand one pixel too far out are refused, not padded
+    sample = {"image_a": torch.ones(3, 60, 90)}
+    with pytest.raises(ValueError, match="fall outside the 90x60 image rotated by 10.00 degrees"):
+        data._rotate_crop_sample(sample, 10.0, 0, 0, 48, 64)
+
+
+def test_rotated_and_cropped_translation_stays_consistent_with_warping():
+    # b is a smooth picture, a = b shifted by a constant flow F_a->b = (3, -2) px. After the unpadded
+    # rotate-and-crop, the flow must be that vector turned by the angle, and warping aug(b) by aug(F)
+    # must give aug(a); a flow not rotated with the image misses by ~0.5 px at 10 degrees.
+    y, x = torch.meshgrid(torch.arange(80.0), torch.arange(120.0), indexing="ij")
+    picture = lambda dx, dy: torch.stack([0.5 + 0.4 * torch.sin((x + dx) / 5) * torch.cos((y + dy) / 7),
+                                          0.5 + 0.4 * torch.cos((x + dx + y + dy) / 9),
+                                          0.5 + 0.3 * torch.sin((y + dy) / 4)])
+    flow = torch.tensor([3.0, -2.0]).view(2, 1, 1).expand(2, 80, 120).clone()
+    sample = {"image_a": picture(3.0, -2.0), "image_b": picture(0.0, 0.0), "flow": flow}
+    transform = JointTransform(crop=(48, 64), scale=None, flip=False, rotate=10, jitter=0, pad=False)
+    torch.manual_seed(2)
+    turned = 0
+    for _ in range(10):
+        out = transform(sample)
+        u, v = out["flow"][0], out["flow"][1]
+        angle = np.rad2deg(np.arctan2(v.mean().item(), u.mean().item()) - np.arctan2(-2.0, 3.0))
+        assert u.std() < 1e-4 and v.std() < 1e-4 and abs(angle) <= 10 + 1e-3  # one vector, turned by the angle
+        assert torch.hypot(u, v).mean().item() == pytest.approx(np.hypot(3, -2), abs=1e-4)
+        turned += abs(angle) > 2
+        a, b = (denormalize(out[k][None])[0] for k in ("image_a", "image_b"))
+        error, keep = photometric_error(a, b, out["flow"], out["flow_valid"])
+        assert keep.float().mean() > 0.8 and error.mean() < 0.01
+    assert turned >= 5
 
 
 # --------------------------------------------------------------------- DataLoader and workers
@@ -513,3 +617,130 @@ def test_a_loader_worker_ignores_ctrl_c_but_ends_on_sigterm():
     finally:
         if worker.is_alive():
             worker.kill()
+
+
+# ------------------------------------------------------------------ Cityscapes coarse annotations
+def write_cityscapes_frame(root, annotation, split, city, seq, frame, label, kind="labelIds", value=100):
+    """One labelled frame of the Cityscapes layout: leftImg8bit/SPLIT/CITY/... and ANNOTATION/SPLIT/CITY/..."""
+    stem = f"{city}_{seq:06d}_{frame:06d}"
+    image = np.full(label.shape + (3,), value, np.uint8)
+    for folder, name, array in (("leftImg8bit", f"{stem}_leftImg8bit.png", image),
+                                (annotation, f"{stem}_{annotation}_{kind}.png", label.astype(np.uint8))):
+        (root / folder / split / city).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(root / folder / split / city / name)
+
+
+def test_coarse_annotations_join_the_fine_ones(tmp_path):
+    # gtFine/train plus gtCoarse/train_extra (EFC "PSP CRS", Flow2Seg's coarse fine-tuning); coarse
+    # labelIds map to train ids like fine ones (0 = unannotated -> 255), labelTrainIds win when present
+    root = tmp_path / "cs"
+    fine = np.full((4, 6), 7)  # road
+    coarse = np.array([[0, 0, 26, 26, 21, 21]] * 4)  # unlabelled, car, vegetation
+    write_cityscapes_frame(root, "gtFine", "train", "aachen", 0, 19, fine, value=10)
+    write_cityscapes_frame(root, "gtCoarse", "train", "aachen", 0, 19, np.zeros((4, 6)), value=10)  # not asked for
+    write_cityscapes_frame(root, "gtCoarse", "train_extra", "bonn", 1, 5, coarse, value=20)
+    write_cityscapes_frame(root, "gtCoarse", "train_extra", "erlangen", 2, 7, coarse, value=30)
+    write_cityscapes_frame(root, "gtCoarse", "train_extra", "erlangen", 2, 7, np.full((4, 6), 18), "labelTrainIds", 30)
+    assert len(CityscapesImages(root, "train")) == 1  # fine only, as before
+    both = CityscapesImages(root, "train", coarse_splits=("train_extra",))
+    assert len(both) == 3 and both.num_classes == 19
+    items = [both[k] for k in range(3)]
+    shades = [round(denormalize(item["image"][None])[0, 0, 0, 0].item() * 255) for item in items]
+    assert shades == [10, 20, 30]  # each image with its own label
+    assert (items[0]["label"] == 0).all()
+    assert items[1]["label"][0].tolist() == [255, 255, 13, 13, 8, 8]
+    assert (items[2]["label"] == 18).all()
+    with pytest.raises(FileNotFoundError, match=r"gtCoarse/val not found: expected the Cityscapes layout .*gtCoarse"):
+        CityscapesImages(root, "train", coarse_splits=("val",))
+    (root / "leftImg8bit" / "train_extra" / "bonn" / "bonn_000001_000005_leftImg8bit.png").unlink()
+    with pytest.raises(FileNotFoundError, match="bonn_000001_000005_leftImg8bit.png not found, the image of"):
+        CityscapesImages(root, "train", coarse_splits=("train_extra",))
+
+
+# ------------------------------------------------------------------------------------ KITTI raw
+KEPT = ("2011_09_26_drive_0001_sync", "2011_10_03_drive_0027_sync")
+TEST_DRIVE = "2011_09_26_drive_0005_sync"  # a KITTI 2015 training scene: excluded
+
+
+def make_kitti_raw(root, drives, frames=8, size=(6, 10)):
+    """A tiny KITTI raw layout; frame k of drive d is a flat image of value 10 d + k."""
+    for d, name in enumerate(drives):
+        folder = root / name[:10] / name / "image_02" / "data"
+        folder.mkdir(parents=True)
+        for k in range(frames):
+            Image.fromarray(np.full(size + (3,), 10 * d + k, np.uint8)).save(folder / f"{k:010d}.png")
+    return root
+
+
+def test_kitti_raw_pairs_exclude_the_test_scenes_and_read_pseudo_labels(tmp_path):
+    import kitti_raw
+    drives = (TEST_DRIVE,) + KEPT
+    root, labels = make_kitti_raw(tmp_path / "raw", drives), tmp_path / "labels"
+    # snippets of 5 frames, the 4th labelled: frames 0-4 and 3-7 (the last snippet ends at the last frame)
+    frames = kitti_raw.labelled_frames(root, snippet_length=5, labelled_index=3)
+    assert [(f.parts[-4], f.name) for f in frames] == [(d, f"{k:010d}.png") for d in KEPT for k in (3, 6)]
+    for n, frame in enumerate(frames):  # pseudo-labels: class n in the top row, ignore below
+        label = np.full((6, 10), 255)
+        label[0] = n
+        kitti_raw.write_label(kitti_raw.label_path(labels, root, frame), label)
+    assert (labels / "2011_09_26" / KEPT[0] / "image_02" / "data" / "0000000003.png").is_file()
+    with pytest.raises(FileNotFoundError, match=r"0000000003.png not found, the pseudo-label of .*python evaluate.py"):
+        kitti_raw.KittiRaw(root, labels, max_gap=2, exclude=(), snippet_length=5, labelled_index=3)  # none for 0005
+    pairs = kitti_raw.KittiRaw(root, labels, pairs_per_snippet=4, max_gap=2, snippet_length=5, labelled_index=3)
+    assert len(pairs.exclude) == 29 and TEST_DRIVE in pairs.exclude and len(pairs) == 4 * 4
+    seen = set()
+    for index in range(len(pairs)):
+        item = pairs[index]
+        a, b = (round(denormalize(item[k][None])[0, 0, 0, 0].item() * 255) for k in ("image_a", "image_b"))
+        assert a // 10 == b // 10 != 0  # one drive, never the excluded one (drive 0)
+        assert 1 <= b - a == item["t"] <= 2
+        snippet = pairs.snippets[index // 4]
+        for name, value in (("a", a), ("b", b)):
+            labelled = value % 10 == int(snippet.frames[snippet.labelled].stem)
+            assert bool(item[f"labelled_{name}"]) == labelled
+            expected = torch.full((6, 10), 255)
+            if labelled:  # the label written for that frame: its index in `frames` in the top row
+                expected[0] = frames.index(root / snippet.label.relative_to(labels))
+            assert torch.equal(item[f"label_{name}"], expected)
+            seen.add((value, labelled))
+    assert {v for v, labelled in seen if labelled} == {13, 16, 23, 26}
+
+
+def test_kitti_raw_layout_errors_and_the_test_scene_list(tmp_path):
+    import kitti_raw
+    root = make_kitti_raw(tmp_path / "raw", KEPT, frames=4)
+    (root / "2011_09_26" / KEPT[0] / "image_02" / "data" / "0000000002.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"0000000002.png not found: frames 0000000001 and 0000000003"):
+        kitti_raw.labelled_frames(root)
+    with pytest.raises(FileNotFoundError, match="holds no <date>/<date>_drive_<id>_sync folders"):
+        kitti_raw.labelled_frames(tmp_path)
+    with pytest.raises(FileNotFoundError, match="all 2 drives are excluded"):
+        kitti_raw.labelled_frames(root, exclude=KEPT)
+    # the list: 29 drives, the same as the devkit's train_mapping.txt names (an excerpt in its format:
+    # 'DATE DRIVE FRAME' lines and empty lines for images from no raw drive)
+    scenes = kitti_raw.read_scene_list()
+    assert len(scenes) == 29 and scenes[0] == TEST_DRIVE and scenes[-1] == "2011_10_03_drive_0047_sync"
+    mapping = tmp_path / "train_mapping.txt"
+    mapping.write_text("\n\n" + "".join(f"{d[:10]} {d} 0000000010\n\n" for d in scenes))
+    kitti_raw.check_test_scenes(mapping)
+    mapping.write_text(mapping.read_text() + "2011_09_26 2011_09_26_drive_0001_sync 0000000001\n")
+    with pytest.raises(ValueError, match=r"only in the mapping \['2011_09_26_drive_0001_sync'\]"):
+        kitti_raw.check_test_scenes(mapping)
+    mapping.write_text("2011_09_26 drive_5 10\n")
+    with pytest.raises(ValueError, match="train_mapping.txt, line 1: expected 'DATE DRIVE FRAME'"):
+        kitti_raw.drives_of_mapping(mapping)
+
+
+def test_kitti_raw_crop_fits_every_kitti_frame_at_scale_one_and_any_paper_angle():
+    import kitti_raw
+    # KITTI's smallest frame is 370 x 1224; EFC's 713 crop would need scale >= 1.9 of a 375-row frame
+    for degrees in np.linspace(-10, 10, 41):
+        need_h, need_w = data.rotated_crop_extent(*kitti_raw.CROP, degrees)
+        assert need_h <= 370 and need_w <= 1224
+    assert data.rotated_crop_extent(713, 713, 0.0)[0] / 375 > 1.9
+    # a KITTI-sized frame under EFC's paper augmentation and this crop: scales from below 1 up to 2
+    sample = {"image_a": torch.rand(3, 370, 1224), "image_b": torch.rand(3, 370, 1224)}
+    transform = JointTransform(crop=kitti_raw.CROP, **data.paper_augmentation("efc"))
+    torch.manual_seed(0)
+    out = transform(sample)
+    assert out["image_a"].shape[1:] == kitti_raw.CROP

@@ -496,6 +496,44 @@ def test_temporal_consistency_over_no_pixel_is_undefined_not_zero(tmp_path, worl
     assert metrics["temporal_consistency"] is None and metrics["consistency_pixels"] == 0
 
 
+def test_pseudo_labels_of_kitti_raw_are_the_cityscapes_models_argmax(tmp_path, world, capsys):
+    # EFC's KITTI labels: "coarse segmentation results ... through a model trained on Cityscapes".
+    # A tiny KITTI raw tree (one kept drive, one test drive), a 19-class psp checkpoint.
+    import kitti_raw
+    raw, labels = tmp_path / "raw", tmp_path / "labels"
+    rng = np.random.default_rng(0)
+    for drive in ("2011_09_26_drive_0001_sync", "2011_09_26_drive_0005_sync"):  # 0005: a test scene
+        folder = raw / "2011_09_26" / drive / "image_02" / "data"
+        folder.mkdir(parents=True)
+        for k in range(25):
+            Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(folder / f"{k:010d}.png")
+    checkpoint = save_checkpoint(tmp_path / "psp19.pt", "psp", world, num_classes=19, dataset="cityscapes")
+    evaluate.main(["--checkpoint", str(checkpoint), "--pseudo-labels", str(raw), "--out", str(labels)])
+    assert "wrote 1 pseudo-labels" in capsys.readouterr().out
+    written = sorted(labels.rglob("*.png"))
+    frame = raw / "2011_09_26" / "2011_09_26_drive_0001_sync" / "image_02" / "data" / "0000000019.png"
+    assert written == [labels / frame.relative_to(raw)]  # the 20th frame of the one snippet of the kept drive
+    net, _ = evaluate.load_checkpoint(checkpoint)
+    with torch.no_grad():
+        expected = net(data.normalize(data.image_tensor(frame)[None]))["logits"].argmax(1)[0].numpy()
+    stored = np.array(Image.open(written[0]))
+    assert stored.dtype == np.uint8 and (stored == expected).all() and len(np.unique(expected)) > 1
+    pairs = kitti_raw.KittiRaw(raw, labels, pairs_per_snippet=2)  # and the dataset reads them back
+    item = next(pairs[k] for k in range(len(pairs)) if pairs[k]["labelled_a"] or pairs[k]["labelled_b"])
+    assert (item["label_a" if item["labelled_a"] else "label_b"].numpy() == expected).all()
+    # refusals, one line each
+    synthetic_ckpt = save_checkpoint(tmp_path / "psp9.pt", "psp", world)
+    for argv, message in ((["--checkpoint", str(synthetic_ckpt), "--pseudo-labels", str(raw), "--out", str(labels)],
+                           "pseudo-labels need a Cityscapes model (19 train ids), this one was trained on synthetic"),
+                          (["--checkpoint", str(checkpoint), "--pseudo-labels", str(raw)],
+                           "--pseudo-labels writes to --out")):
+        with pytest.raises(SystemExit):
+            evaluate.main(argv)
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not flow2seg \\(it needs a flow input\\)"):
+        evaluate.write_pseudo_labels(net, "flow2seg", [frame], raw, labels, "cpu")
+
+
 def test_curves_show_the_loss_terms_the_flow_error_and_the_car_ious(tmp_path):
     root = tmp_path / "world"
     root.mkdir()

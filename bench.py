@@ -69,6 +69,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
+import config
 import data
 import losses
 import model
@@ -515,7 +516,7 @@ def training_step(net, batch, args, optimizer, clipped, device):
     # the forward op that created it.
     total.backward()
     with record_function(REGION + "optimizer"):
-        # train.parse_args sets clip_grad 10 for efc and flow (their flow decoder alone) and 0 (off)
+        # config.parse_args sets clip_grad 10 for efc and flow (their flow decoder alone) and 0 (off)
         # for psp and flow2seg: the same parameters as train.py's.
         if args.clip_grad:
             torch.nn.utils.clip_grad_norm_(clipped, args.clip_grad)
@@ -626,11 +627,13 @@ def region_shares(events, step_us, cuda):
 
 def train_args(method, backbone, crop, batch, amp, channels_last):
     """train.py's arguments for a method with the paper recipe's optimiser (SGD, or Adam for flow2seg).
-    Parsed by train.parse_args itself, so every setting a step reads (lr, flow_lr_mult, clip_grad,
-    loss weights, correlation range) is train.py's own. The optimiser matters here: SGD with momentum
+    Parsed by config.parse_args itself, so every setting a step reads (lr, flow_lr_mult, clip_grad,
+    loss weights and switches, correlation range) is train.py's own; random weights (--from-scratch) and
+    random inputs (--dataset synthetic, never read). The optimiser matters here: SGD with momentum
     keeps one buffer per parameter, Adam two, both in the step's time and its memory."""
-    return train.parse_args(["--method", method, "--recipe", "paper", "--backbone", backbone, "--crop", *map(str, crop),
-                             "--batch", str(batch)] + ["--amp"] * amp + ["--channels-last"] * channels_last)
+    return config.parse_args(["--method", method, "--recipe", "paper", "--dataset", "synthetic", "--from-scratch",
+                              "--backbone", backbone, "--crop", *map(str, crop), "--batch", str(batch)]
+                             + ["--amp"] * amp + ["--channels-last"] * channels_last)
 
 
 def training_setup(method, backbone, crop, batch, args, device, ddp=False):

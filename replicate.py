@@ -8,7 +8,8 @@ Tables (rows = variants; every variant is one `python train.py ...` command, pri
                    control in neither paper, the full EFC with lambda_cons = 0 (what L_cons adds).
                    Metrics: mIoU, mIoU with the look-alike cars merged, the cars' IoU (moving,
                    parked, merged) and temporal consistency.
-  efc-table2       EFC Table 2, flow: UL; UL + OE; UL + TC; UL + OE + TC; EFC full; the control.
+  efc-table2       EFC Table 2, flow: UL; UL + OE; UL + TC; UL + OE + TC; EFC full (full-mixed: UL + OE + TC
+                   with O_error, on Table 2's pairs, not Table 1's "+ UD" ones); the control on the same pairs.
                    Metrics: EPE all / noc / on car_moving pixels against the exact ground truth, Fl,
                    with three reference rows that need no training: the zero flow, the best constant
                    flow (what a network that ignores its input reaches at best) and the camera-only
@@ -83,6 +84,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+import checkpoints
 import data
 import evaluate
 import train
@@ -102,9 +104,9 @@ import synthetic
 #    (train.py); the psp rows keep train.py's padded scale and rotation augmentation.
 #  - Adam at 1e-4 with poly decay for every row (EFC's quick recipe; EFC's SGD at 0.01 left the flow
 #    decoder unable to read its cost volume, docs/learning.md); the flow decoder at the same lr.
-#  - lambda_cons 0.01 (train.py's QUICK comment: at the paper's 10 L_cons swamps L_seg on this scale).
+#  - lambda_cons 0.01 (config.py's QUICK comment: at the paper's 10 L_cons swamps L_seg on this scale).
 #  - Correlation range 4 at stride 1 on the stride-8 features (+-32 image pixels) and pairs up to 2
-#    frames apart: the world moves 5-9 px per frame (train.py's QUICK comment).
+#    frames apart: the world moves 5-9 px per frame (config.py's QUICK comment).
 #  - The Flow2Seg rows train on 96x96 crops at 2e-4 (train.py's Flow2Seg quick recipe): their flow is
 #    an input, not a correlation, so the crop's padding does not shrink it, and whole frames would
 #    cost 3.6x on the six flow-path rows; 2e-4 because the flow path starts from scratch.
@@ -145,6 +147,10 @@ VARIANTS = {
     "ul-oe": ("flow", ["--ablation", "ul-oe"], WORLD, {}),
     "ul-tc": ("efc", ["--ablation", "ul-tc"], WORLD, {}),
     "ul-oe-tc": ("efc", ["--ablation", "ul-oe-tc"], WORLD, {}),
+    # Table 2's "EFC full": UL + OE + TC with O_error, on the pairs of the other Table 2 rows (config.ABLATIONS'
+    # "mixed"), so that it differs from UL + OE + TC in O_error alone; its control likewise without L_cons.
+    "full-mixed": ("efc", ["--ablation", "full-mixed"], WORLD, {}),
+    "full-mixed-nocons": ("efc", ["--ablation", "full-mixed"], WORLD, {"cons_weight": 0.0}),
     # Flow2Seg Table 2: the flow path alone, trained alone on the ground-truth flow (L_Flow2Seg only;
     # the image path and the fusion stay frozen at their initialisation and the table does not read them).
     "flowpath-r18": ("flow2seg", ["--flow2seg-stage", "flow-path"], WORLD, FLOW2SEG),
@@ -201,8 +207,8 @@ TABLES = {
                  ("camera", "camera-only flow (reference: each pair's zoom + translation fitted to the true flow of "
                             "the classes that do not move on their own)", "-"),
                  ("ul", "UL", "11.03 / 7.53"), ("ul-oe", "UL + OE", "8.72 / 7.23"), ("ul-tc", "UL + TC", "8.84 / 4.94"),
-                 ("ul-oe-tc", "UL + OE + TC", "7.79 / 4.51"), ("full", "EFC full", "7.05 / 3.93"),
-                 ("full-nocons", "EFC full without L_cons (a control)", "-")],
+                 ("ul-oe-tc", "UL + OE + TC", "7.79 / 4.51"), ("full-mixed", "EFC full", "7.05 / 3.93"),
+                 ("full-mixed-nocons", "EFC full without L_cons (a control)", "-")],
         "columns": [("epe_all", "EPE all", "px"), ("epe_noc", "EPE noc", "px"),
                     ("epe_moving", "EPE car_moving", "px"), ("fl_all", "Fl all %", "pct")],
         "paper": "EPE all / noc (KITTI 2015)",
@@ -256,7 +262,8 @@ def needed_variants(tables):
 # The order the variants of a seed train in: the start, then the rows the papers' claims rest on and
 # the cheap ones, so that a run cut short (on 2 CPU cores `all` takes hours per seed) has them first.
 RUN_ORDER = ["world", "psp", "ul-oe", "ul", "flowpath-r18", "flow2seg-gt", "full", "full-nocons", "image-fcn",
-             "tcc-single", "tcc-single-om", "tcc-multi-om", "tcc-fix", "ul-tc", "ul-oe-tc", "flow2seg-efc",
+             "tcc-single", "tcc-single-om", "tcc-multi-om", "tcc-fix", "ul-tc", "ul-oe-tc", "full-mixed",
+             "full-mixed-nocons", "flow2seg-efc",
              "flow2seg-zero",
              "flowpath-aspp", "flowpath-denseaspp", "flowpath-psp", "flowpath-r50", "flowpath-r101"]
 
@@ -540,7 +547,7 @@ def run_variant(name, seed, settings, paths, device, log, use_cache=True):
     checkpoint = run_dir / "ckpt.pt"
     finished = resumed = False
     if checkpoint.is_file():  # finished: its training is done (e.g. stopped during evaluation): evaluate only
-        finished = train.read_checkpoint(checkpoint)["iteration"] >= settings["iterations"]
+        finished = checkpoints.read_checkpoint(checkpoint)["iteration"] >= settings["iterations"]
         resumed = not finished
     if "--flow-dir" in VARIANTS[name][1]:  # the zero-flow control's training input (train.py checks every file)
         write_zero_flows(paths["runs"] / ZERO_FLOWS, {split: data.labelled_frames_with_previous(paths["data"], split)
@@ -693,7 +700,7 @@ def _ratio_goal(variant, reference, factor):
 
 
 def _full_flow_check(mean):
-    full, ul = mean("efc-table2", "full", "epe_all"), mean("efc-table2", "ul", "epe_all")
+    full, ul = mean("efc-table2", "full-mixed", "epe_all"), mean("efc-table2", "ul", "epe_all")
     return f"full EFC {full:.3f} px, UL {ul:.3f} px", full <= ul
 
 

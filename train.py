@@ -7,15 +7,16 @@ CPU, with ResNet-18 backbones, in a few minutes, and ends by printing the valida
 where the checkpoint and the log are. There, efc, flow and flow2seg start from a PSPNet trained on the
 world, made once and cached (world_encoder: the papers' ImageNet start, which cannot ship), and efc and
 flow first warm their flow decoder up towards its cost volume's own soft-argmax (--flow-warmup, label-free;
-losses.efc_loss explains why). `--recipe paper` sets each paper's published recipe:
-  EFC "Implementation Details": SGD, momentum 0.9, weight decay 1e-4, base lr 0.01, poly power 0.9,
-      crop 713, batch 16, 120K iterations, ten pairs per snippet (five with the labelled frame),
-      loss weights of eq. (9); the PSPNet baseline and the flow branch alone use the same setting
-      ("All experiments use the same training setting", EFC "Ablation Study").
-  Flow2Seg 4.2: Adam, lr 2e-5, weight decay 1e-4, poly power 0.9, crop 832, batch 8, 100K iterations;
-      the two paths are trained separately, then fine-tuned jointly with the fusion module
-      (--flow2seg-stage, --init, --freeze).
-The ablations of EFC Tables 1 and 2 are --ablation NAME (see ABLATIONS).
+losses.efc_loss explains why). `--recipe paper` sets each paper's published recipe (EFC "Implementation
+Details", Flow2Seg 4.2) and needs --dataset and a start (--pretrained / --init, or --from-scratch).
+Every setting, and where its value comes from (recipe, rule, flag, checkpoint), is config.py's; a run
+prints them first. The settings of ours that the paper recipe keeps, or not, each with the switch back to
+the paper's value: docs/choices.md#the-paper-recipe-against-the-papers. The ablations of EFC Tables 1
+and 2 are --ablation NAME (config.ABLATIONS).
+
+This file reads in the order a run takes: data (SeededItems, GlobalBatches, training_dataset), the
+network and its optimiser (world_encoder .. build_training; checkpoints are checkpoints.py's), one step
+(compute_loss, train_step), the loop (train_loop) and main.
 
 Distributed: `torchrun --nproc_per_node=N train.py ...` runs DistributedDataParallel (NCCL on GPUs,
 gloo on CPUs) with SyncBatchNorm; --batch is the global batch, split over the processes, and every
@@ -28,12 +29,10 @@ Reproducibility: the data order and every random augmentation are functions of (
 index) (see SeededItems), so a run resumed from a checkpoint continues exactly as the uninterrupted
 run would (bitwise on the CPU; on GPUs, up to nondeterministic kernels such as scatter-add).
 """
-import argparse
 import contextlib
 import json
 import math
 import os
-import random
 import resource
 import shlex
 import signal
@@ -49,348 +48,13 @@ import torch.distributed.nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+import config
 import data
 import evaluate
 import losses
 import synthetic
-from model import CORR_LAYERS, FLOW_CONTEXTS, METHODS, build_model, load_pretrained
-
-# ---------------------------------------------------------------------------------------------
-# Recipes. Every flag left unset takes its value from the recipe ("quick": the synthetic world on a
-# CPU in minutes; "paper": the papers' settings, see the docstring). Explicit flags always win.
-# ---------------------------------------------------------------------------------------------
-# Quick: the correlation reaches +-4 cells at stride 1 of the stride-8 features (+-32 image pixels,
-# 81 channels; EFC's +-20 cells at stride 2 is +-160 pixels, wider than a whole 128x256 frame), and
-# pairs are at most 2 frames apart, because the world moves 5-9 px per frame (synthetic.py), 3-5x more
-# than Cityscapes does at this scale: t = 5 would move the background by up to 45 px.
-QUICK = {"backbone": "resnet18", "flow_backbone": "resnet18", "crop": [96, 96], "batch": 4,
-         "iterations": 200, "pairs_per_snippet": 10, "workers": 1, "val_every": 100, "val_items": 60,
-         "log_every": 10, "ckpt_every": 100, "max_displacement": 4, "corr_stride": 1, "max_gap": 2,
-         "flow_warmup": 100, "flow_lr_mult": 1.0, "cons_weight": 0.01, "corr_layer": "layer3", "match_input": False,
-         "pass_through": False}
-QUICK_FLOW_ITERATIONS = 400  # the quick recipe's efc and flow on the synthetic world (parse_args)
-PAPER_EFC = {"backbone": "resnet101", "flow_backbone": "resnet18", "optimizer": "sgd", "lr": 0.01,
-             "weight_decay": 1e-4, "crop": [713, 713], "batch": 16, "iterations": 120_000,
-             "pairs_per_snippet": 10, "workers": 8, "val_every": 5000, "val_items": None, "log_every": 50,
-             "ckpt_every": 2000, "max_displacement": 20, "corr_stride": 2, "max_gap": 5, "flow_warmup": 0,
-             "flow_lr_mult": 0.1, "cons_weight": losses.EFC_WEIGHTS["cons"], "corr_layer": "layer3",
-             "match_input": False, "pass_through": False}
-PAPER_FLOW2SEG = {**PAPER_EFC, "optimizer": "adam", "lr": 2e-5, "crop": [832, 832], "batch": 8,
-                  "iterations": 100_000}
-OPTIMIZER = {  # quick recipe: the papers' optimisers
-    "psp": ("sgd", 0.01), "efc": ("adam", 1e-4), "flow": ("adam", 1e-4), "flow2seg": ("adam", 2e-5 * 10),
-}
-# Where the quick recipe leaves the papers' values, and why (the measurements:
-# docs/learning.md#choices-measured-on-the-world):
-#   lambda_cons 0.01, not 10: at 10, L_cons's gradient on a small encoder is 15-45x L_seg's, and it
-#       ties features through a flow still half a feature cell off;
-#   Adam 1e-4 for efc and flow, the flow decoder at the full lr: with EFC's SGD the warm-up does not
-#       teach the decoder to read its cost volume within the budget;
-#   Flow2Seg 2e-4, not 2e-5: 2e-5 is a fine-tuning rate for ImageNet starts, and learns little here.
-
-# EFC Tables 1 and 2: name -> (method, efc_loss switches, pairs per snippet, pairs with the labelled
-# frame, pair mode). The paper is silent on how often pairs are drawn; the modes
-# (data._PairDataset.set_pair_mode) make each row differ only in what its name says:
-#   "fixed"  the labelled pairs are drawn once for the whole run: TCC_single trains on one pair per
-#            snippet, TCC_multi on five (redrawn every epoch, "single" would only mean more epochs);
-#   "ud"     the same five fixed labelled pairs, each item with one unlabelled pair added (drawn
-#            anew every epoch): "+ UD" adds data, the labelled exposure stays TCC_multi's;
-#   "mixed"  every pair drawn anew each epoch, half with the labelled frame (Table 2, flow rows).
-# TCC_fix: "a fixed pre-trained FlowNetS": a frozen copy of a trained flow network (--flow-init,
-# encoder included) supplies the flow; the segmentation network starts like the other rows (its own
-# flow decoder is frozen and unused, so evaluation scores no flow for it: evaluate.has_own_flow).
-ABLATIONS = {
-    # Table 1 (segmentation)
-    "tcc-fix": ("efc", dict(frozen_flow=True, occlusion=False, error_mask=False), 1, 1, "fixed"),
-    "tcc-single": ("efc", dict(occlusion=False, error_mask=False), 1, 1, "fixed"),
-    "tcc-single-om": ("efc", dict(), 1, 1, "fixed"),
-    "tcc-multi-om": ("efc", dict(), 5, 5, "fixed"),
-    "full": ("efc", dict(), 10, 5, "ud"),  # --method efc without --ablation is this row
-    # Table 2 (flow)
-    "ul": ("flow", dict(flow_only=True, occlusion=False), 10, 5, "mixed"),
-    "ul-oe": ("flow", dict(flow_only=True), 10, 5, "mixed"),
-    "ul-tc": ("efc", dict(occlusion=False, error_mask=False), 10, 5, "mixed"),
-    "ul-oe-tc": ("efc", dict(error_mask=False), 10, 5, "mixed"),
-}
-
-
-def build_parser():
-    """Every flag of train.py. A flag whose default is None takes the recipe's value in parse_args;
-    the help of each shows it (recipe_help)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False,  # explicit_flags reads the command line by full names
-                                epilog="Unset flags take the recipe's value (see the docstring of train.py and docs/training.md).")
-    p.add_argument("--method", required=True, choices=METHODS,
-                   help="psp: image-only PSPNet; flow2seg: Flow2Seg; efc: EFC; flow: EFC's flow branch alone (Table 2 'UL')")
-    p.add_argument("--recipe", choices=["quick", "paper"], default="quick",
-                   help="quick: synthetic world, CPU, minutes (default); paper: the paper's setting for the method")
-    p.add_argument("--ablation", choices=sorted(ABLATIONS),
-                   help="an EFC Table 1/2 row: tcc-fix (needs --flow-init with a trained flow model), tcc-single, "
-                        "tcc-single-om, tcc-multi-om, full (= --method efc); ul, ul-oe (method flow), ul-tc, "
-                        "ul-oe-tc. Which pairs each row trains on: see ABLATIONS in train.py")
-    p.add_argument("--flow-init", metavar="CKPT",
-                   help="--ablation tcc-fix: a trained flow/efc checkpoint whose whole flow network (its encoder "
-                        "too) is kept fixed and supplies the flow")
-    # Which data, and which frames EFC pairs ("Implementation Details": t in [1, 5], ten pairs a snippet).
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["synthetic", "cityscapes", "camvid", "kitti"], default="synthetic",
-                   help="kitti: unsupervised flow on KITTI 2015 multiview frames (method flow only)")
-    g.add_argument("--data-root", help="dataset folder (default for synthetic: data/synthetic, generated if missing)")
-    g.add_argument("--frames-dir", help="CamVid: folder of video frames for the unlabelled neighbours (efc, flow)")
-    g.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop")
-    g.add_argument("--pairs-per-snippet", type=int, help="EFC: pairs per snippet per epoch (paper: 10); --method "
-                   "efc: half of them with the labelled frame, each item one of those plus one without")
-    g.add_argument("--labelled-pairs", type=int, help="EFC: how many of them contain the labelled frame (default: half)")
-    g.add_argument("--max-gap", type=int, help="EFC: pairs (I_i, I_i+t) with 1 <= t <= max-gap")
-    g.add_argument("--no-augment", action="store_true", help="no scale/rotation/flip/jitter; centre crop only")
-    g.add_argument("--workers", type=int, help="DataLoader worker processes per training process")
-    g = p.add_argument_group("Flow2Seg flow input (F_t->t-1 of the labelled frame)")
-    g.add_argument("--flow-dir", help="precomputed flows (.flo, KITTI _flow.png or .npy) named like the frames "
-                                      "(see docs/data.md); default on the synthetic world: its ground truth")
-    g.add_argument("--flow-from", metavar="CHECKPOINT",
-                   help="an efc/flow checkpoint: compute the flows once with it into RUN/flows, then train on them")
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
-                   help="image backbone")
-    g.add_argument("--flow-backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
-                   help="Flow2Seg's flow-path backbone")
-    # Flow2Seg Table 3's image-only rows (--context) and Table 2's flow-path rows (--flow-context):
-    # stored in the checkpoint's config, from which evaluate.load_checkpoint rebuilds the network.
-    g.add_argument("--context", choices=["psp", "fcn"], default="psp",
-                   help="--method psp's image network: psp = PSPNet; fcn = the same without its pyramid pooling "
-                        "(Flow2Seg Table 3's 'ResNet101-FCN')")
-    g.add_argument("--flow-context", choices=FLOW_CONTEXTS, default="fcn",
-                   help="Flow2Seg's flow-path context module (Table 2): fcn = none (the paper's choice), aspp "
-                        "(DeepLabv3), denseaspp, psp (pyramid pooling)")
-    g.add_argument("--pretrained", metavar="FILE", help="ImageNet ResNet state dict (torchvision names) for the "
-                                                        "image backbone, or a train.py checkpoint (its image "
-                                                        "backbone only); for flow2seg also --pretrained-flow")
-    g.add_argument("--pretrained-flow", metavar="FILE", help="ImageNet ResNet file for Flow2Seg's flow backbone "
-                                                             "(conv1 becomes the mean of its RGB filters)")
-    g.add_argument("--init", metavar="CHECKPOINT", action="append", default=[],
-                   help="initialise from a checkpoint of this project (repeatable): psp -> flow2seg's image path or "
-                        "efc's segmentation branch; flow -> efc; same method -> everything")
-    g.add_argument("--freeze", help="comma-separated parameter-name prefixes to freeze, e.g. 'image' (Flow2Seg's "
-                                    "image path) or 'flow' (EFC's flow decoder); 'none' freezes nothing")
-    g.add_argument("--flow2seg-stage", choices=["joint", "flow-path"], default="joint",
-                   help="flow-path: train Flow2Seg's flow path alone (loss L_Flow2Seg, the rest frozen); "
-                        "joint: all of eq. (1)")
-    g.add_argument("--max-displacement", type=int, help="EFC correlation range in stride-8 pixels")
-    g.add_argument("--corr-stride", type=int, help="EFC correlation displacement stride")
-    g.add_argument("--corr-layer", choices=CORR_LAYERS,
-                   help="encoder output the EFC correlation compares: layer3 (S) or layer2 (FlowNetC's conv3 stage)")
-    g.add_argument("--match-input", action=argparse.BooleanOptionalAction,
-                   help="feed the cost volume's soft-argmax flow and peak to the flow decoder's stride-8 layers "
-                        "(not in EFC; docs/choices.md)")
-    g.add_argument("--flow-pass-through", dest="pass_through", action=argparse.BooleanOptionalAction,
-                   help="start the flow decoder's upsamplings bilinear and its predict_flow layers as the identity "
-                        "on the flow they are given (not in EFC; docs/choices.md)")
-    g.add_argument("--no-world-init", action="store_true",
-                   help="quick recipe on the synthetic world: start efc / flow / flow2seg from scratch instead of "
-                        "from a PSPNet trained on the world (see world_encoder)")
-    add_run_flags(p)
-    recipe_help(p)
-    return data.one_line_errors(p)
-
-
-def add_run_flags(p):
-    """build_parser's optimisation and run flags."""
-    # The papers' optimisers and loss weights (EFC eq. (9)); unset flags take the recipe's values.
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--iterations", type=int, help="training iterations")
-    g.add_argument("--batch", type=int, help="global batch, split over processes (efc: items of a labelled + an unlabelled pair)")
-    g.add_argument("--optimizer", choices=["sgd", "adam"], help="sgd (momentum 0.9) or adam")
-    g.add_argument("--lr", type=float, help="base learning rate, decayed by (1 - it/iterations)^0.9")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay (both papers: 1e-4)")
-    g.add_argument("--flow-lr-mult", type=float,
-                   help="lr multiplier of EFC's flow decoder (see docs/choices.md: at the full lr, SGD moves an "
-                        "untrained decoder's flow by hundreds of pixels in one step)")
-    g.add_argument("--no-dropout", action="store_true",
-                   help="turn the heads' dropout (p 0.1) off: its masks are the one thing that differs between a "
-                        "run on N processes and on one (a check, not a recipe)")
-    g.add_argument("--clip-grad", type=float,
-                   help="clip the gradient norm (0: off); efc and flow clip their flow decoder's alone")
-    g.add_argument("--cons-weight", type=float, help="EFC lambda_cons (see QUICK's comment for the quick value)")
-    g.add_argument("--occ-weight", type=float, default=losses.EFC_WEIGHTS["occ"], help="EFC lambda_occ")
-    g.add_argument("--sm-weight", type=float, default=losses.EFC_WEIGHTS["sm"], help="EFC lambda_sm")
-    g.add_argument("--flow-warmup", type=int, metavar="N",
-                   help="efc / flow: the first N iterations train the flow decoder towards its correlation's own "
-                        "soft-argmax flow (label-free; not in the paper) before the paper's flow losses take over "
-                        "(see losses.efc_loss)")
-    g.add_argument("--flow-supervised", action="store_true",
-                   help="diagnostic (--method flow, synthetic world): train the same flow decoder on the true flow "
-                        "(EPE) instead of the unsupervised losses, to tell the decoder's capacity from the losses'")
-    # Where and how a run executes and what it writes; those in RESUME_FREE (device, workers,
-    # logging, checkpoints, speed flags) may differ when the run is resumed.
-    g = p.add_argument_group("run")
-    g.add_argument("--out", help="run folder (default runs/METHOD)")
-    g.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly where its checkpoint stopped")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out folder that already holds a run (its ckpt.pt, best.pt and "
-                        "log.jsonl are replaced); without it such a folder is refused")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data order and the augmentation")
-    g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (photometric-family losses stay float32)")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the network")
-    g.add_argument("--log-every", type=int, help="iterations between log lines")
-    g.add_argument("--val-every", type=int, help="iterations between validations (0: only at the end)")
-    g.add_argument("--val-items", type=int, help="cap on the items of each validation set (none: all)")
-    g.add_argument("--ckpt-every", type=int, help="iterations between checkpoints")
-    g.add_argument("--stop-after", type=int, metavar="N",
-                   help="stop (with a checkpoint) after N iterations of this invocation, e.g. to fit a cluster's "
-                        "time limit; --resume continues as if never stopped")
-
-
-def parse_args(argv=None):
-    """The command line -> args, complete: a flag left unset takes the recipe's value (QUICK, or
-    PAPER_EFC / PAPER_FLOW2SEG with --recipe paper; the optimiser from OPTIMIZER), a resumed run takes
-    the settings of its checkpoint (resume_settings), and combinations that cannot mean anything
-    stop here with one line rather than after the data is read or the network is built."""
-    p = build_parser()
-    args = p.parse_args(argv)
-
-    explicit_warmup = args.flow_warmup is not None  # read before the recipe fills it in
-    recipe = dict(QUICK)
-    if args.recipe == "paper":
-        recipe = dict(PAPER_FLOW2SEG if args.method == "flow2seg" else PAPER_EFC)
-    else:
-        recipe["optimizer"], recipe["lr"] = OPTIMIZER[args.method]
-    # The flow branch alone (quick recipe) keeps the world-trained encoder fixed: with no L_seg to
-    # hold them, the photometric loss moves the very features its correlation matches, and the flow
-    # drifts after the warm-up (docs/learning.md#choices-measured-on-the-world). EFC keeps L_seg.
-    recipe["freeze"] = "seg" if args.recipe == "quick" and args.method == "flow" else ""
-    # The unsupervised flow (efc, flow) trains on whole frames of the world: a 96x96 crop is 12x12
-    # stride-8 cells, most within reach of the encoder's zero padding, which looks alike in both
-    # frames and so votes for zero motion (docs/learning.md#choices-measured-on-the-world).
-    if args.recipe == "quick" and args.method in ("efc", "flow") and args.dataset == "synthetic":
-        recipe["crop"] = list(synthetic.FRAME_SIZE)
-        # ... for 400 iterations, the first 200 the warm-up: the budget whose numbers the README and
-        # docs/ report (the warm-up needs 200 to read the cost volume; L_pm then needs as many).
-        recipe["iterations"], recipe["flow_warmup"] = QUICK_FLOW_ITERATIONS, QUICK_FLOW_ITERATIONS // 2
-    for key, value in recipe.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.freeze == "none":
-        args.freeze = ""
-    if args.clip_grad is None:  # the flow decoder's early gradients are large (build_training); PSPNet never clips
-        args.clip_grad = 10.0 if args.method in ("efc", "flow") else 0.0
-    if args.ablation:
-        method = ABLATIONS[args.ablation][0]
-        if method != args.method:
-            p.error(f"--ablation {args.ablation} is an EFC row for --method {method}, not {args.method}")
-        if args.ablation == "tcc-fix" and not args.flow_init:
-            p.error("--ablation tcc-fix takes its flow from a fixed, trained network: give --flow-init with a "
-                    "flow/efc checkpoint")
-    if args.flow_init and args.ablation != "tcc-fix":
-        p.error("--flow-init is the fixed flow network of --ablation tcc-fix")
-    # Flow2Seg's image path and EFC's segmentation branch are PSPNets; only Flow2Seg has a flow path.
-    if args.context != "psp" and args.method != "psp":
-        p.error(f"--context {args.context} is the image-only network of --method psp (Flow2Seg Table 3's FCN row); "
-                f"--method {args.method} keeps its PSPNet")
-    if args.flow_context != "fcn" and args.method != "flow2seg":
-        p.error(f"--flow-context {args.flow_context} is a context module of Flow2Seg's flow path: use it with "
-                "--method flow2seg")
-    # The full EFC ("+ UD") pairs every labelled pair with an unlabelled one (ABLATIONS' "ud" mode),
-    # so the pairs of a snippet split in two equal halves.
-    if args.method == "efc" and not args.ablation and (args.pairs_per_snippet % 2 or args.labelled_pairs not in
-                                                       (None, args.pairs_per_snippet // 2)):
-        p.error(f"--method efc adds one unlabelled pair to each labelled one: --pairs-per-snippet "
-                f"({args.pairs_per_snippet}) must be even and --labelled-pairs ({args.labelled_pairs}) half of it")
-    if args.data_root is None:
-        if args.dataset != "synthetic":
-            p.error(f"--dataset {args.dataset} needs --data-root (the folder holding the dataset)")
-        args.data_root = data.SYNTH_DEFAULT_ROOT
-    if args.dataset == "kitti" and args.method != "flow":
-        p.error("--dataset kitti has no segmentation labels: use it with --method flow")
-    # The warm-up exists for an unsupervised flow that trains: not for the supervised diagnostic, not
-    # for TCC_fix (its flow is a frozen, already trained network), not for psp / flow2seg.
-    trains_flow = args.method in ("efc", "flow") and not args.flow_supervised and args.ablation != "tcc-fix"
-    if args.flow_warmup < 0 or (args.flow_warmup and not trains_flow and explicit_warmup):
-        p.error("--flow-warmup N (N >= 0) warms up the unsupervised flow of --method efc / flow (not tcc-fix)")
-    if not trains_flow:
-        args.flow_warmup = 0  # the recipe's value applies only where the unsupervised flow trains
-    if args.flow_supervised and (args.method != "flow" or args.dataset != "synthetic" or args.ablation):
-        p.error("--flow-supervised trains --method flow on the synthetic world's true flow (no --ablation)")
-    if args.method == "flow2seg" and args.dataset not in ("synthetic", "cityscapes"):
-        p.error("--method flow2seg needs Cityscapes-layout video (--dataset synthetic or cityscapes)")
-    if args.flow2seg_stage != "joint" and args.method != "flow2seg":
-        p.error(f"--flow2seg-stage {args.flow2seg_stage} is a stage of --method flow2seg, not {args.method}")
-    if args.flow_dir and args.flow_from:
-        p.error("give --flow-dir or --flow-from, not both")
-    if (args.flow_dir or args.flow_from) and args.method != "flow2seg":
-        p.error("--flow-dir / --flow-from are Flow2Seg's flow input: use them with --method flow2seg")
-    if args.resume:  # last: the checkpoint's settings replace the recipe's, and contradictions are refused
-        resume_settings(p, args, sys.argv[1:] if argv is None else argv)
-    args.out = args.out or os.path.join("runs", args.method if not args.ablation else f"efc-{args.ablation}")
-    return args
-
-
-def recipe_help(parser):
-    """Append to every flag's help what it defaults to: the recipes' values for the flags a recipe
-    sets (quick per method where they differ; paper for efc / flow / psp and for flow2seg), else
-    the parser default. Generated from QUICK, OPTIMIZER and PAPER_*, so --help cannot drift."""
-    computed = {"clip_grad": "10 for efc and flow, else 0", "freeze": "quick: seg for flow, else none; paper: none",
-                "iterations": f"quick: {QUICK['iterations']}, {QUICK_FLOW_ITERATIONS} for efc and flow on the synthetic "
-                              f"world; paper: {PAPER_EFC['iterations']}, flow2seg {PAPER_FLOW2SEG['iterations']}",
-                "flow_warmup": f"quick: {QUICK['flow_warmup']}, {QUICK_FLOW_ITERATIONS // 2} for efc and flow on the "
-                               f"synthetic world; paper: {PAPER_EFC['flow_warmup']}",
-                "crop": f"quick: {QUICK['crop'][0]} {QUICK['crop'][1]}, whole frames ({synthetic.FRAME_SIZE[0]} "
-                        f"{synthetic.FRAME_SIZE[1]}) for efc and flow on the synthetic world; paper: "
-                        f"{PAPER_EFC['crop'][0]} {PAPER_EFC['crop'][1]} (flow2seg: {PAPER_FLOW2SEG['crop'][0]} "
-                        f"{PAPER_FLOW2SEG['crop'][1]})"}
-    quick = {**QUICK,
-             "optimizer": ", ".join(f"{m} {o}" for m, (o, _) in OPTIMIZER.items()),
-             "lr": ", ".join(f"{m} {lr:g}" for m, (_, lr) in OPTIMIZER.items())}
-    for action in parser._actions:
-        key = action.dest
-        if action.help in (None, argparse.SUPPRESS) or key == "help":
-            continue
-        if key in computed:
-            action.help += f" [default: {computed[key]}]"
-        elif key in quick:
-            paper = ("" if key not in PAPER_EFC else
-                     f"; paper: {PAPER_EFC[key]}" if PAPER_EFC[key] == PAPER_FLOW2SEG[key] else
-                     f"; paper: {PAPER_EFC[key]}, flow2seg {PAPER_FLOW2SEG[key]}")
-            action.help += f" [quick: {quick[key]}{paper}]"
-        elif action.default not in (None, False, [], argparse.SUPPRESS):
-            action.help += f" [default: {action.default}]"
-
-
-# Flags that may differ between a run and its --resume: where and how it runs, not what it computes.
-RESUME_FREE = {"resume", "overwrite", "stop_after", "device", "workers", "log_every", "val_every", "val_items",
-               "ckpt_every", "amp", "channels_last", "compile", "out", "method"}
-
-
-def explicit_flags(parser, argv):
-    """The dests of the options given on the command line `argv` (full names; allow_abbrev is off)."""
-    names = {option: action.dest for action in parser._actions for option in action.option_strings}
-    return {names[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in names}
-
-
-def resume_settings(parser, args, argv):
-    """--resume continues the run as it was: every setting comes from the checkpoint's config; a flag
-    on the command line that contradicts it is refused (it would change the run, e.g. its lr curve),
-    except RESUME_FREE's. --out defaults to the run's own folder; --method must be the run's."""
-    checkpoint = read_checkpoint(args.resume)
-    if checkpoint["method"] != args.method:
-        raise SystemExit(f"--resume {args.resume}: a {checkpoint['method']} checkpoint, not {args.method}")
-    if "optimizer" not in checkpoint:
-        raise SystemExit(f"--resume {args.resume}: weights only (a best.pt keeps no optimizer state); resume from "
-                         "the run's ckpt.pt, or start a new run from these weights with --init")
-    config = checkpoint["config"]
-    given = explicit_flags(parser, argv)
-    for key, value in config.items():
-        if not hasattr(args, key) or key in RESUME_FREE:
-            continue
-        if key in given and getattr(args, key) != value:
-            flag = "--" + key.replace("_", "-")
-            parser.error(f"{flag} {getattr(args, key)} contradicts the run being resumed ({args.resume} has "
-                         f"{value}); drop the flag to continue that run, or start a new one")
-        setattr(args, key, value)
-    if "out" not in given:
-        args.out = config.get("out", args.out)
-
+from checkpoints import read_checkpoint, rng_state, save_best, save_checkpoint, set_rng_state, truncate_log
+from model import build_model, load_pretrained
 
 # ---------------------------------------------------------------------------------------------
 # Data: datasets per method, and an order of items that is a pure function of (seed, iteration)
@@ -454,9 +118,7 @@ def training_dataset(args):
     unpadded = dict(pad=False, rotate=0.0) if photometric else {}
     transform = data.JointTransform(crop=args.crop, train=not args.no_augment, **unpadded)
     root = args.data_root
-    pairs, labelled, mode = args.pairs_per_snippet, args.labelled_pairs, pair_mode(args)
-    if args.ablation:
-        _, _, pairs, labelled, _ = ABLATIONS[args.ablation]
+    pairs, labelled, mode = args.pairs_per_snippet, args.labelled_pairs, args.pair_mode  # the row's (config)
     modes = dict(labelled_pairs=labelled, fixed_labelled=mode != "mixed", unlabelled_companion=mode == "ud")
     if args.dataset == "kitti":
         return data.KittiFlow(root, "training", mode="multiview", transform=transform)
@@ -478,13 +140,6 @@ def training_dataset(args):
     return data.CityscapesPairs(root, "train", pairs_per_snippet=pairs, max_gap=args.max_gap, transform=transform,
                                 seed=args.seed, **modes)
 
-
-def pair_mode(args):
-    """The pair mode of an EFC run (see ABLATIONS): its row's, else "ud" for efc (the full EFC) and
-    "mixed" for the flow branch alone."""
-    if args.ablation:
-        return ABLATIONS[args.ablation][4]
-    return "ud" if args.method == "efc" else "mixed"
 
 
 @torch.no_grad()
@@ -509,7 +164,7 @@ def fill_flow_dir(checkpoint, root, out_dir, device, frames=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model, optimiser, checkpoints
+# Model and optimiser (their checkpoints: checkpoints.py)
 # ---------------------------------------------------------------------------------------------
 WORLD_INIT_ITERATIONS = 200  # the quick recipe's PSPNet run
 
@@ -668,61 +323,6 @@ def poly_lr(optimizer, args, iteration):
     return args.lr * factor
 
 
-def rng_state():
-    """Every random generator a step can touch (torch CPU and CUDA: dropout; numpy and `random`:
-    nothing of ours today, but a user's augmentation might), as tensors and plain values that
-    torch.load(weights_only=True) accepts: numpy's key array is stored as an int64 tensor."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
-
-
-def set_rng_state(state):
-    """Undo rng_state: a resumed run draws the same dropout masks as the uninterrupted one."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def save_best(out, obj, final):
-    """A new best validation: best.pt gets its weights, without the optimizer state and RNG states
-    (a third of the size; nothing resumes from a best). When the best is the run's last validation,
-    ckpt.pt already holds it: best.pt is removed rather than kept as a copy."""
-    if final:
-        (Path(out) / "best.pt").unlink(missing_ok=True)
-        return
-    save_checkpoint(Path(out) / "best.pt", {k: v for k, v in obj.items() if k not in ("optimizer", "rng")})
-
-
-def save_checkpoint(path, obj):
-    """Atomic: write a temporary file in the same folder, flush it to disk, then rename over the
-    target. A run killed at any moment leaves either the old checkpoint or the new one, never half
-    of one (os.replace is atomic on POSIX and Windows). The dict gets a 'checksum' of its tensors
-    (evaluate.checkpoint_checksum), which every reader verifies. A failed write (disk full, quota,
-    permissions) removes the temporary file and stops with one line; the old checkpoint stays."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    obj["checksum"] = evaluate.checkpoint_checksum(obj)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        reason = (str(error).splitlines() or [type(error).__name__])[0]
-        raise SystemExit(f"could not write the checkpoint {path} ({reason}); the temporary file is removed and "
-                         f"{'the previous checkpoint is intact' if path.exists() else 'no checkpoint exists yet'}. "
-                         "Free disk space (or choose another --out) and continue with --resume") from None
-
-
 def one_line(error):
     """The message of a data error in one line. An error raised in a DataLoader worker arrives as
     "Caught ValueError in DataLoader worker process 0. Original Traceback ...": its last line is
@@ -730,27 +330,6 @@ def one_line(error):
     lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
     last = lines[-1] if lines[0].startswith("Caught ") else lines[0]
     return last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ": ") else last
-
-
-def truncate_log(path, iteration):
-    """On --resume: drop the records of log.jsonl after the checkpoint's `iteration` (the run repeats
-    those iterations, bitwise), so that the log reads as if the run had never stopped. Atomic."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path):
-    """evaluate.read_checkpoint, its errors as one-line exits."""
-    try:
-        return evaluate.read_checkpoint(path)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(str(error)) from None
 
 
 class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
@@ -828,7 +407,7 @@ def compute_loss(net, batch, args, iteration, flow_net=None):
                                             batch["flow_bw_valid"])
         return total, {"epe": total.detach()}
     # EFC eq. (9): a pair (I_a, I_b) through both branches; the ablation row decides which terms run.
-    switches = dict(ABLATIONS[args.ablation][1]) if args.ablation else {}
+    switches = dict(config.ABLATIONS[args.ablation].switches) if args.ablation else {}
     if args.method == "flow":
         switches.setdefault("flow_only", True)
     # During the warm-up the decoder regresses its correlation's own flow (losses.efc_loss explains why);
@@ -841,7 +420,9 @@ def compute_loss(net, batch, args, iteration, flow_net=None):
             fixed = flow_net(batch["image_a"], batch["image_b"], segment=False)
         out.update({key: fixed[key] for key in ("flow_ab", "flow_ba", "occ_a", "occ_b")})
     weights = {"cons": args.cons_weight, "occ": args.occ_weight, "sm": args.sm_weight}
-    total, terms = losses.efc_loss(out, batch, weights, warmup=warmup, **switches)
+    total, terms = losses.efc_loss(out, batch, weights, warmup=warmup, edge_weight=args.edge_weight,
+                                   full_res_scale=args.full_res_scale, detach_occ_in_cons=args.detach_occ_in_cons,
+                                   reduction=args.loss_reduction, **switches)
     # The log shows only the terms this run can have (efc_loss returns every term, a dropped one as 0):
     # a constant 0 for a term the method never uses reads like a term that failed to learn.
     unused = set()
@@ -944,7 +525,7 @@ def build_training(args, world, rank, device, log, outer_command):
     0 / None), 'pending_validation' (a validation the resumed run owes first)."""
     encoder = world_encoder(args, world, log, outer_command)
     if encoder is not None:
-        args.init = [encoder]
+        args.init, args.sources["init"] = [encoder], "derived"
     resume = read_checkpoint(args.resume) if args.resume else None
     if resume is not None and resume["method"] != args.method:
         raise SystemExit(f"--resume {args.resume}: a {resume['method']} checkpoint, not {args.method}")
@@ -1285,7 +866,7 @@ def prepare(args, world, rank, device, log, outer_command):
     ensure_data_root(args, world, is_main, log)
     claim_run_folder(args, out, is_main)
     if args.flow_from:  # Flow2Seg on EFC's flow: computed once, by rank 0, into the run folder
-        args.flow_dir = str(out / "flows")
+        args.flow_dir, args.sources["flow_dir"] = str(out / "flows"), "derived"
         if is_main:
             fill_flow_dir(args.flow_from, args.data_root, args.flow_dir, device)
         if world > 1:
@@ -1305,20 +886,21 @@ def prepare(args, world, rank, device, log, outer_command):
     loader = DataLoader(SeededItems(train_set, args.seed), batch_sampler=sampler, num_workers=args.workers,
                         worker_init_fn=data.worker_init_fn, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(args.seed))
-    config = {k: v for k, v in vars(args).items()}
+    settings = {k: v for k, v in vars(args).items() if k != "sources"}  # the checkpoint's "config"
     if is_main:  # every validation file, read once now: a broken one must not wait for the first validation
         try:
-            evaluate.check_validation_data(config, args.val_items)
+            evaluate.check_validation_data(settings, args.val_items)
         except (OSError, ValueError) as error:
             raise SystemExit(f"validation data: {one_line(error)}") from None
     log(f"{args.method}{' (' + args.ablation + ')' if args.ablation else ''} on {args.dataset} ({args.data_root}): "
         f"{len(train_set)} training items, {args.num_classes} classes, {args.backbone}, crop {args.crop[0]}x"
         f"{args.crop[1]}, batch {args.batch} on {world} process(es), {args.iterations} iterations, "
         f"{args.optimizer} lr {args.lr}, device {device}{', bf16' if args.amp else ''}")
-    log("config: " + ", ".join(f"{k} {v}" for k, v in sorted(config.items())))
-    if is_main:  # the log's first record of a run (or of its resumption) is the whole config
-        append_log(out, {"iteration": run["start"], "resumed": bool(args.resume), "config": config})
-    run.update(out=out, world=world, is_main=is_main, log=log, config=config)
+    log(config.describe(args))
+    if is_main:  # the log's first record of a run (or of its resumption) is the whole config, and whence
+        append_log(out, {"iteration": run["start"], "resumed": bool(args.resume), "config": settings,
+                         "sources": args.sources})
+    run.update(out=out, world=world, is_main=is_main, log=log, config=settings)
     return run, loader
 
 
@@ -1327,7 +909,7 @@ def main(argv=None, stage_of=None):
     (train_loop) and a summary. Every process runs this; rank 0 alone prints and writes.
     Ctrl-C or SIGTERM ends it with one line (report_stop) and exit status 130 or 143. stage_of: the
     command of the run this one is a stage of (world_encoder's PSPNet)."""
-    args = parse_args(argv)
+    args = config.parse_args(argv)
     world, rank, device = start_processes(args)
     out, is_main = Path(args.out), rank == 0
     this_command = command_line(args, *(sys.argv[1:] if argv is None else argv))

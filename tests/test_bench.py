@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import bench
+import config
 import losses
-import train
 import warp
 from test_warp import naive_correlation
 
@@ -235,7 +235,7 @@ def test_gpu_check_plan_holds_every_step(tmp_path, capsys):
     bench_args = bench.parse_args(steps["bench"]["command"][2:])
     assert bench_args.parts == ["flops", "inference", "training", "micro"] and bench_args.backbones == ["resnet101"]
     assert bench.parse_args(steps["ddp"]["command"][2:]).parts == ["ddp"]
-    compile_args = train.parse_args(steps["compile"]["command"][2:])  # train.py accepts the run
+    compile_args = config.parse_args(steps["compile"]["command"][2:])  # train.py accepts the run
     assert compile_args.method == "efc" and compile_args.compile and compile_args.iterations == bench.COMPILE_ITERATIONS
     assert compile_args.flow_warmup == 0  # EFC's own losses from the first iteration
     assert bench.main(["--gpu-check", str(tmp_path), "--dry-run"]) is None

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import data
 import replicate
-import train
 import synthetic
 
 
@@ -50,7 +50,7 @@ def test_every_table_runs_dependencies_first_and_once():
 def test_commands_are_valid_train_py_commands_with_the_shared_budget(name):
     settings = replicate.SETTINGS
     argv = replicate.train_command(name, 2, settings, "out/x", "runs/r", "world", None)
-    args = train.parse_args(argv)
+    args = config.parse_args(argv)
     method, _, dependency, own = replicate.VARIANTS[name]
     assert args.method == method and args.seed == 2 and args.out == "out/x"
     row = replicate.variant_settings(name, settings)  # the shared settings and the row's own changes
@@ -70,7 +70,7 @@ def test_commands_are_valid_train_py_commands_with_the_shared_budget(name):
     # The warm-up where the unsupervised flow trains; lambda_cons on EFC's rows (0 on the control).
     assert args.flow_warmup == (200 if method in ("efc", "flow") and name != "tcc-fix" else 0)
     if method == "efc":
-        assert args.cons_weight == (0.0 if name == "full-nocons" else 0.01)
+        assert args.cons_weight == (0.0 if name in ("full-nocons", "full-mixed-nocons") else 0.01)
     assert args.flow_backbone == own.get("flow_backbone", settings["flow_backbone"])
     assert argv.count("--flow-backbone") == 1
     if name == "tcc-fix":
@@ -89,8 +89,24 @@ def test_commands_are_valid_train_py_commands_with_the_shared_budget(name):
                                  "flowpath-psp": "psp"}.get(name, "fcn")
     assert args.flow_backbone == {"flowpath-r50": "resnet50", "flowpath-r101": "resnet101"}.get(name, "resnet18")
     assert args.context == ("fcn" if name == "image-fcn" else "psp") and args.backbone == "resnet18"
-    if name in train.ABLATIONS:
+    if name in config.ABLATIONS:
         assert args.ablation == name
+
+
+def test_table2_full_row_differs_from_ul_oe_tc_in_the_error_mask_alone():
+    # EFC Table 2's "EFC full" is its own run (full-mixed), not Table 1's full EFC: against UL + OE + TC it
+    # changes O_error and nothing else (same pairs, same pair mode); Table 1's row samples "+ UD" pairs.
+    rows = [name for name, _, _ in replicate.TABLES["efc-table2"]["rows"]]
+    assert "full" not in rows and rows[-2:] == ["full-mixed", "full-mixed-nocons"]
+    full, without = config.ABLATIONS["full-mixed"], config.ABLATIONS["ul-oe-tc"]
+    assert (full.method, full.pairs, full.labelled, full.pair_mode) == (without.method, without.pairs,
+                                                                       without.labelled, without.pair_mode)
+    assert full.switches == {} and without.switches == {"error_mask": False}
+    assert config.ABLATIONS["full"].pair_mode == "ud" and full.pair_mode == "mixed"
+    args = config.parse_args(replicate.train_command("full-mixed", 0, replicate.SETTINGS, "o", "r", "w", None))
+    assert (args.ablation, args.pair_mode, args.pairs_per_snippet, args.labelled_pairs) == ("full-mixed", "mixed", 10, 5)
+    nocons = config.parse_args(replicate.train_command("full-mixed-nocons", 0, replicate.SETTINGS, "o", "r", "w", None))
+    assert (nocons.ablation, nocons.cons_weight) == ("full-mixed", 0.0)
 
 
 def test_eval_pairs_window_paths_and_zero_flow(world):
@@ -197,7 +213,7 @@ def test_table_means_std_and_markdown():
     assert replicate.format_value(None, None, "pct") == "-"
     assert replicate.format_value(1.23456, None, "px") == "1.235"
     # The reference flows are one evaluation whatever the seeds: no spread, no n; paper EPE in the table's column order.
-    for k, name in enumerate(["ul", "ul-oe", "ul-tc", "ul-oe-tc", "full", "full-nocons"]):
+    for k, name in enumerate(["ul", "ul-oe", "ul-tc", "ul-oe-tc", "full-mixed", "full-mixed-nocons"]):
         for seed in seeds:
             results[(name, seed)] = {"metrics": {"epe_all": 1.0 + k + seed, "epe_noc": 0.5, "epe_moving": 2.0,
                                                  "fl_all": 0.1}, "command": f"cmd {name}"}
@@ -444,7 +460,7 @@ def test_goals_are_checked_on_the_tables_means_and_missing_rows_are_not_run_yet(
                                              for variant, stats in means.items()]}
     reports = {"efc-table1": report("efc-table1", {"psp": {"miou": 0.55}, "full": {"miou": 0.54}}),
                "efc-table2": report("efc-table2", {"zero": {"epe_all": 6.0}, "const": {"epe_all": 4.0},
-                                                   "ul": {"epe_all": 2.9}, "full": {"epe_all": 2.8}}),
+                                                   "ul": {"epe_all": 2.9}, "full-mixed": {"epe_all": 2.8}}),
                "flow2seg-table3": report("flow2seg-table3", {"psp": {"iou_car_moving": 0.2, "iou_car_parked": 0.3},
                                                             "flow2seg-gt": {"iou_car_moving": 0.6,
                                                                             "iou_car_parked": 0.49}})}

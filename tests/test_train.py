@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
+import config
 import data
 import evaluate
 import model
@@ -151,7 +153,7 @@ def test_cpu_sync_batchnorm_is_batchnorm(monkeypatch):
 
 def torchrun_ablation(world, out, ablation, port, flow_init=None):
     """One iteration of an EFC ablation on 2 gloo processes -> the CompletedProcess."""
-    method = train.ABLATIONS[ablation][0]
+    method = config.ABLATIONS[ablation].method
     argv = tiny(world, out, method, "--iterations", "1", "--batch", "2", "--ablation", ablation, "--flow-warmup", "0")
     if flow_init:
         argv += ["--flow-init", flow_init]
@@ -173,7 +175,7 @@ def test_ablations_without_occlusion_or_with_a_fixed_flow_run_under_torchrun(wor
         flow_init = str(tmp_path / "flow" / "ckpt.pt")
     result = torchrun_ablation(world, tmp_path / "run", ablation, 29523, flow_init)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert train.read_checkpoint(tmp_path / "run" / "ckpt.pt")["iteration"] == 1
+    assert checkpoints.read_checkpoint(tmp_path / "run" / "ckpt.pt")["iteration"] == 1
 
 
 @pytest.mark.slow
@@ -197,11 +199,11 @@ def test_a_finished_torchrun_run_exits_every_time(world, tmp_path):
 
 def test_killing_a_checkpoint_write_never_leaves_a_broken_file(tmp_path):
     target = tmp_path / "ckpt.pt"
-    train.save_checkpoint(target, {"iteration": -1, "weights": torch.zeros(10)})
-    writer = ("import sys, torch, train\n"
+    checkpoints.save_checkpoint(target, {"iteration": -1, "weights": torch.zeros(10)})
+    writer = ("import sys, torch, checkpoints\n"
               "i = 0\n"
               "while True:\n"
-              "    train.save_checkpoint(sys.argv[1], {'iteration': i, 'weights': torch.full((3_000_000,), float(i))})\n"
+              "    checkpoints.save_checkpoint(sys.argv[1], {'iteration': i, 'weights': torch.full((3_000_000,), float(i))})\n"
               "    i += 1\n")
     tmp = target.with_name(target.name + ".tmp")
     seen = set()
@@ -309,7 +311,7 @@ def test_frozen_parts_stay_exactly_as_initialised(world, tmp_path, capsys, monke
     # TCC_fix's flow comes from a frozen copy of the whole flow network (encoder included): on one
     # pair it stays the same while the segmentation encoder trains (before, it moved by 4.77 px in
     # 8 steps because the decoder read the training encoder)
-    args = train.parse_args(tiny(world, tmp_path / "y", "efc", "--ablation", "tcc-fix", "--flow-init", flow_ckpt))
+    args = config.parse_args(tiny(world, tmp_path / "y", "efc", "--ablation", "tcc-fix", "--flow-init", flow_ckpt))
     net = train.build_model("efc", 9, args.backbone, args.flow_backbone, args.max_displacement, args.corr_stride)
     flow_net = train.fixed_flow_network(flow_ckpt, torch.device("cpu"), print)
     groups = train.parameter_groups(net, args)
@@ -360,8 +362,8 @@ def test_world_encoder_trains_a_pspnet_once_then_uses_the_cached_one(world, tmp_
     second = capsys.readouterr().out
     assert "(cached; made by `python train.py --method psp" in second and "training a PSPNet" not in second
     # an explicit --init, or --no-world-init, skips the stage
-    assert train.world_encoder(train.parse_args(flags("efc") + ["--init", str(encoder)]), 1, print) is None
-    assert train.world_encoder(train.parse_args(flags("efc") + ["--no-world-init"]), 1, print) is None
+    assert train.world_encoder(config.parse_args(flags("efc") + ["--init", str(encoder)]), 1, print) is None
+    assert train.world_encoder(config.parse_args(flags("efc") + ["--no-world-init"]), 1, print) is None
 
 
 def test_flow_supervised_diagnostic_lowers_the_epe_loss(world, tmp_path):
@@ -371,7 +373,7 @@ def test_flow_supervised_diagnostic_lowers_the_epe_loss(world, tmp_path):
     history = losses_logged(tmp_path)
     assert len(history) == 16 and sum(history[-4:]) / 4 < 0.9 * sum(history[:4]) / 4, history
     with pytest.raises(SystemExit):
-        train.parse_args(["--method", "efc", "--flow-supervised"])
+        config.parse_args(["--method", "efc", "--flow-supervised"])
 
 
 def test_flow_warmup_trains_towards_the_matching_flow_then_hands_over_to_the_paper_losses(world, tmp_path):
@@ -384,28 +386,30 @@ def test_flow_warmup_trains_towards_the_matching_flow_then_hands_over_to_the_pap
     # the quick recipe warms up efc and flow only; asking for it elsewhere is an error
     # efc and flow on the world run the budget the README reports: 400 iterations, 200 of warm-up
     for method in ("efc", "flow"):
-        args = train.parse_args(["--method", method])
+        args = config.parse_args(["--method", method])
         assert (args.iterations, args.flow_warmup) == (400, 200)
-    assert train.parse_args(["--method", "flow2seg"]).iterations == 200
-    args = train.parse_args(["--method", "flow", "--dataset", "kitti", "--data-root", "k"])
+    assert config.parse_args(["--method", "flow2seg"]).iterations == 200
+    args = config.parse_args(["--method", "flow", "--dataset", "kitti", "--data-root", "k"])
     assert (args.iterations, args.flow_warmup) == (200, 100)  # elsewhere the quick recipe's own
-    assert train.parse_args(["--method", "efc", "--recipe", "paper"]).flow_warmup == 0
-    assert train.parse_args(["--method", "psp"]).flow_warmup == 0
-    assert train.parse_args(["--method", "flow", "--flow-supervised"]).flow_warmup == 0
+    paper = ["--method", "efc", "--recipe", "paper", "--dataset", "synthetic", "--from-scratch"]
+    assert config.parse_args(paper).flow_warmup == 0
+    assert config.parse_args(["--method", "psp"]).flow_warmup == 0
+    assert config.parse_args(["--method", "flow", "--flow-supervised"]).flow_warmup == 0
     for argv in (["--method", "psp", "--flow-warmup", "5"], ["--method", "flow", "--flow-warmup", "-1"]):
         with pytest.raises(SystemExit):
-            train.parse_args(argv)
+            config.parse_args(argv)
 
 
 def test_the_unsupervised_flow_trains_on_whole_unpadded_frames(world, tmp_path):
     # Quick recipe, synthetic world: efc and flow crop whole frames and never pad (docs/choices.md);
     # an explicit --crop wins; the segmentation-only methods keep 96x96 crops with padding and rotation.
     for method, crop in (("flow", [128, 256]), ("efc", [128, 256]), ("psp", [96, 96]), ("flow2seg", [96, 96])):
-        assert train.parse_args(["--method", method]).crop == crop, method
-    assert train.parse_args(["--method", "efc", "--crop", "64", "80"]).crop == [64, 80]
-    assert train.parse_args(["--method", "efc", "--recipe", "paper"]).crop == [713, 713]
+        assert config.parse_args(["--method", method]).crop == crop, method
+    assert config.parse_args(["--method", "efc", "--crop", "64", "80"]).crop == [64, 80]
+    paper = ["--method", "efc", "--recipe", "paper", "--dataset", "synthetic", "--from-scratch"]
+    assert config.parse_args(paper).crop == [713, 713]
     for method, pad in (("efc", False), ("flow", False), ("psp", True), ("flow2seg", True)):
-        transform = train.training_dataset(train.parse_args(tiny(world, tmp_path, method))).transform
+        transform = train.training_dataset(config.parse_args(tiny(world, tmp_path, method))).transform
         assert transform.pad is pad and (transform.rotate == 0) is not pad, method
 
 
@@ -421,9 +425,10 @@ def test_a_run_folder_is_never_reused_silently_and_resume_keeps_the_runs_setting
     # a flag that contradicts the run is refused, naming it; one that changes nothing is accepted
     with pytest.raises(SystemExit):
         train.main(tiny(world, run, "psp", "--iterations", "9", "--resume", str(run / "ckpt.pt")))
-    args = train.parse_args(["--method", "psp", "--resume", str(run / "ckpt.pt"), "--iterations", "4"])
+    args = config.parse_args(["--method", "psp", "--resume", str(run / "ckpt.pt"), "--iterations", "4"])
     # settings not given come from the checkpoint (crop 32x32, batch 2, its folder), not the recipe
     assert args.crop == [32, 32] and args.batch == 2 and args.iterations == 4 and Path(args.out) == run
+    assert (args.sources["crop"], args.sources["iterations"], args.sources["out"]) == ("checkpoint", "flag", "checkpoint")
     # a kill after iteration 3's log line but before its checkpoint: resume drops that line
     with open(run / "log.jsonl", "a") as f:
         f.write(json.dumps({"iteration": 3, "loss": 123.0}) + "\n")
@@ -443,22 +448,22 @@ def test_best_pt_holds_weights_only_and_only_when_it_is_not_the_last_checkpoint(
     monkeypatch.setattr(train.evaluate, "validate", lambda *args, **kwargs: {"miou": next(scores)})
     run = tmp_path / "run"
     train.main(tiny(world, run, "psp", "--iterations", "3", "--crop", "32", "32", "--val-every", "1"))
-    best = train.read_checkpoint(run / "best.pt")
+    best = checkpoints.read_checkpoint(run / "best.pt")
     assert best["iteration"] == 1 and best["metrics"] == {"miou": 0.5} and "optimizer" not in best and "rng" not in best
-    assert train.read_checkpoint(run / "ckpt.pt")["best_iteration"] == 1
+    assert checkpoints.read_checkpoint(run / "ckpt.pt")["best_iteration"] == 1
     assert (run / "best.pt").stat().st_size < 0.6 * (run / "ckpt.pt").stat().st_size  # psp: SGD momentum
     evaluate.load_checkpoint(run / "best.pt")  # evaluate.py reads it like any checkpoint
     with pytest.raises(SystemExit, match="weights only"):
-        train.parse_args(["--method", "psp", "--resume", str(run / "best.pt")])
+        config.parse_args(["--method", "psp", "--resume", str(run / "best.pt")])
     # the last validation is the best: no copy of ckpt.pt
     scores = iter([0.5, 0.9])
     train.main(tiny(world, run, "psp", "--iterations", "2", "--crop", "32", "32", "--val-every", "1", "--overwrite"))
-    assert not (run / "best.pt").exists() and train.read_checkpoint(run / "ckpt.pt")["best_iteration"] == 2
+    assert not (run / "best.pt").exists() and checkpoints.read_checkpoint(run / "ckpt.pt")["best_iteration"] == 2
 
 
 def test_a_failed_checkpoint_write_stops_with_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     target = tmp_path / "ckpt.pt"
-    train.save_checkpoint(target, {"iteration": 1, "weights": torch.zeros(4)})
+    checkpoints.save_checkpoint(target, {"iteration": 1, "weights": torch.zeros(4)})
 
     def disk_full(obj, f):
         f.write(b"partial")
@@ -466,7 +471,7 @@ def test_a_failed_checkpoint_write_stops_with_one_line_and_leaves_no_temporary_f
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit, match=r"ckpt.pt \(.*No space left on device\).*previous checkpoint is intact"):
-        train.save_checkpoint(target, {"iteration": 2, "weights": torch.ones(4)})
+        checkpoints.save_checkpoint(target, {"iteration": 2, "weights": torch.ones(4)})
     assert not (tmp_path / "ckpt.pt.tmp").exists()
     monkeypatch.undo()
     assert torch.load(target, weights_only=True)["iteration"] == 1
@@ -501,12 +506,12 @@ def test_non_finite_weights_are_never_saved_and_a_nan_init_is_refused(world, tmp
     poison_step(monkeypatch, 2, overflow)
     with pytest.raises(SystemExit, match=r"iteration 2: 1 weight/buffer tensors hold NaN or inf .*running_var"):
         train.main(tiny(world, tmp_path / "run", "psp", "--iterations", "4", "--ckpt-every", "1"))
-    saved = train.read_checkpoint(tmp_path / "run" / "ckpt.pt")
+    saved = checkpoints.read_checkpoint(tmp_path / "run" / "ckpt.pt")
     assert saved["iteration"] == 1
     monkeypatch.undo()
     nan = dict(saved, model={k: v.float() * float("nan") if v.is_floating_point() else v
                              for k, v in saved["model"].items()})
-    train.save_checkpoint(tmp_path / "nan.pt", nan)
+    checkpoints.save_checkpoint(tmp_path / "nan.pt", nan)
     with pytest.raises(SystemExit, match=r"nan.pt: .* hold NaN or inf"):
         train.main(tiny(world, tmp_path / "efc", "efc", "--iterations", "1", "--init", str(tmp_path / "nan.pt")))
 
@@ -522,7 +527,7 @@ def test_flow_context_round_trips_through_a_checkpoint(world, tmp_path):
     assert isinstance(net.flow_context, model.ASPP)
     assert torch.equal(net.flow_context.project[0].weight, ckpt["model"]["flow_context.project.0.weight"])
     # The flow-path stage trains the context module with the flow path; the image path and fusion stay frozen.
-    args = train.parse_args(tiny(world, tmp_path / "x", "flow2seg", "--flow2seg-stage", "flow-path",
+    args = config.parse_args(tiny(world, tmp_path / "x", "flow2seg", "--flow2seg-stage", "flow-path",
                                  "--flow-context", "aspp"))
     fresh = train.build_model("flow2seg", 9, args.backbone, args.flow_backbone, args.max_displacement,
                               args.corr_stride, args.context, args.flow_context)
@@ -557,12 +562,12 @@ def test_context_flags_are_refused_where_they_mean_nothing(world, tmp_path, caps
              (["--method", "flow", "--flow-context", "psp"], "use it with --method flow2seg")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            train.parse_args(argv + ["--data-root", world])
+            config.parse_args(argv + ["--data-root", world])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
-    args = train.parse_args(["--method", "flow2seg", "--flow-context", "denseaspp", "--data-root", world])
+    args = config.parse_args(["--method", "flow2seg", "--flow-context", "denseaspp", "--data-root", world])
     assert (args.context, args.flow_context) == ("psp", "denseaspp")
-    assert train.parse_args(["--method", "psp", "--data-root", world]).context == "psp"
+    assert config.parse_args(["--method", "psp", "--data-root", world]).context == "psp"
 
 
 # ------------------------------------------------------------------ Ctrl-C, SIGTERM, --data-root

@@ -507,14 +507,23 @@ class FlowDecoder(nn.Module):
     peak weight, 3 channels. Why: from the correlation to flow3 FlowNetC has two convs and one
     LeakyReLU, too shallow to find a peak among D^2 cosines; the deep path that can is at strides
     16-64, where a car is one or two cells. Measured in docs/moving-cars.md.
+
+    fine_match=R > 0 (not in FlowNet or EFC; train.py --fine-match) gives predict_flow2 a second,
+    stride-4 match: the second frame's layer1 features (f4_2) warped by the upsampled flow3, a
+    correlation within +-R cells of layer1 (PWC-Net's warp-then-correlate), its soft-argmax residual
+    (FlowNet units) and peak weight, 3 channels. Why: a stride-8 cell is as wide as a third of a car's
+    height and half of the car pixels lie within 4 px of its outline, so the stride-8 match mixes the
+    car with what surrounds it (docs/moving-cars.md, section 7).
     """
 
     def __init__(self, enc_channels, skip_channels, max_displacement=20, stride=2, redirect_channels=32,
-                 match_input=False, pass_through=False):
+                 match_input=False, pass_through=False, fine_match=0):
         super().__init__()
         self.max_displacement, self.stride, self.match_input = max_displacement, stride, match_input
+        self.fine_match = int(fine_match)
         D = 2 * (max_displacement // stride) + 1  # displacements per axis (21 for 20, 2)
         m = 3 if match_input else 0  # the cost volume's soft-argmax flow (2) and peak weight (1)
+        f = 3 if self.fine_match else 0  # the stride-4 match's residual flow (2) and peak weight (1)
         c3, c4, c5, c6 = 256, 512, 512, 1024  # FlowNetC widths at strides 8, 16, 32, 64
         d5, d4, d3, d2 = 512, 256, 128, 64  # FlowNetS deconv widths towards strides 32, 16, 8, 4
         # FlowNetC: 1x1 "redirect" of the first frame's features, concatenated with the correlation.
@@ -531,7 +540,7 @@ class FlowDecoder(nn.Module):
         concat5 = c5 + d5 + 2
         concat4 = c4 + d4 + 2
         concat3 = c3 + d3 + 2 + m
-        concat2 = skip_channels + d2 + 2  # EFC: the encoder's layer1 plays FlowNetS's conv2
+        concat2 = skip_channels + d2 + 2 + f  # EFC: the encoder's layer1 plays FlowNetS's conv2
         self.deconv5, self.deconv4 = deconv_lrelu(concat6, d5), deconv_lrelu(concat5, d4)
         self.deconv3, self.deconv2 = deconv_lrelu(concat4, d3), deconv_lrelu(concat3, d2)
         self.upsampled_flow6_to_5, self.upsampled_flow5_to_4 = upsampled_flow(), upsampled_flow()
@@ -553,7 +562,7 @@ class FlowDecoder(nn.Module):
             nn.init.normal_(conv.weight, std=1e-3)
             nn.init.zeros_(conv.bias)
         if pass_through:
-            self.init_pass_through(concat5 - 2, concat4 - 2, concat3 - 2 - m, concat2 - 2)
+            self.init_pass_through(concat5 - 2, concat4 - 2, concat3 - 2 - m, concat2 - 2 - f)
 
     @torch.no_grad()
     def init_pass_through(self, at5, at4, at3, at2):
@@ -565,7 +574,9 @@ class FlowDecoder(nn.Module):
         Why: from near-zero weights Adam moves each weight by about lr a step, 0.04 in 400 steps
         at 1e-4, so a FlowNet decoder in the quick budget passes on at most ~10 % of a flow from one
         scale or from the cost volume to the next and regresses the rest from its features, which
-        know the camera but not the cars (docs/moving-cars.md, section 3)."""
+        know the camera but not the cars (docs/moving-cars.md, section 3). With fine_match,
+        predict_flow2 also starts as the identity on the stride-4 match's residual: flow2 = the
+        upsampled flow3 + that residual."""
         k = torch.tensor([0.25, 0.75, 0.75, 0.25])
         bilinear = k[:, None] * k[None, :]  # (4, 4): ConvTranspose2d(4, stride 2, padding 1) = bilinear x2
         for up in (self.upsampled_flow6_to_5, self.upsampled_flow5_to_4, self.upsampled_flow4_to_3,
@@ -577,6 +588,10 @@ class FlowDecoder(nn.Module):
                             (self.predict_flow2, at2)):
             predict.weight[:, at:at + 2].zero_()
             predict.weight[0, at, 1, 1] = predict.weight[1, at + 1, 1, 1] = 1.0
+        if self.fine_match:  # the residual's two channels come third and second from last
+            at = self.predict_flow2.weight.shape[1] - 3
+            self.predict_flow2.weight[:, at:at + 2].zero_()
+            self.predict_flow2.weight[0, at, 1, 1] = self.predict_flow2.weight[1, at + 1, 1, 1] = 1.0
 
     def correlate(self, S1, S2):
         """FlowNetC correlation (kernel 1) of matching_features: (B, D^2, h, w), each channel the
@@ -584,14 +599,31 @@ class FlowDecoder(nn.Module):
         return warp.correlation(matching_features(S1), matching_features(S2), self.max_displacement, self.stride,
                                 normalize=False)
 
-    @torch.no_grad()
-    def matching_flow(self, S1, S2):
-        """The correlation's own flow estimate F_1->2 (soft_argmax_flow), (B, 2, h, w) in pixels of
-        the feature grid, no gradient: the label-free target of the warm-up (train.py --flow-warmup)."""
-        return soft_argmax_flow(self.correlate(S1.float(), S2.float()), self.max_displacement, self.stride)
+    def fine_residual(self, f4_1, f4_2, flow4):
+        """The stride-4 match (fine_match = R): f4_1, f4_2 (B, C1, H/4, W/4) layer1 features of both
+        frames, flow4 (B, 2, H/4, W/4) a flow in pixels of that grid -> the soft-argmax residual
+        (B, 2, H/4, W/4) of the cosine correlation within +-R cells of f4_2 warped by flow4 (same
+        units), and its peak weight (B, 1, H/4, W/4). flow4 + residual is the refined flow."""
+        warped, _ = warp.backward_warp(matching_features(f4_2.float()), flow4.float())
+        cost = warp.correlation(matching_features(f4_1.float()), warped, self.fine_match, 1, normalize=False)
+        return soft_argmax_flow(cost, self.fine_match, 1, with_peak=True)
 
-    def forward(self, S1, S2, f4, image_size, M1=None, M2=None):
+    @torch.no_grad()
+    def matching_flow(self, S1, S2, f4_1=None, f4_2=None):
+        """The correlation's own flow estimate F_1->2 (soft_argmax_flow), (B, 2, h, w) in pixels of
+        the feature grid, no gradient: the label-free target of the warm-up (train.py --flow-warmup).
+        With fine_match (f4_1, f4_2 given) it is refined by the stride-4 match (fine_residual), on
+        the stride-4 grid: the answer an untrained pass-through decoder gives."""
+        flow = soft_argmax_flow(self.correlate(S1.float(), S2.float()), self.max_displacement, self.stride)
+        if not self.fine_match:
+            return flow
+        flow4 = warp.resize_flow(flow, f4_1.shape[-2:])  # (B, 2, H/4, W/4), stride-4 pixels
+        return flow4 + self.fine_residual(f4_1, f4_2, flow4)[0]
+
+    def forward(self, S1, S2, f4, image_size, M1=None, M2=None, f4_2=None):
         M1, M2 = (S1, S2) if M1 is None else (M1, M2)
+        if self.fine_match and f4_2 is None:
+            raise ValueError("FlowDecoder(fine_match > 0) needs f4_2, the second frame's layer1 features")
         # FlowNetC correlation (kernel 1) on the stride-8 features: D^2 channels, displacements up to
         # max_displacement feature pixels = 8x that many image pixels. It correlates matching_features,
         # so each channel is a cosine similarity in [-1, 1] (FlowNetC: raw features / C).
@@ -620,8 +652,13 @@ class FlowDecoder(nn.Module):
         concat3 = torch.cat([x3, crop_like(self.deconv3(concat4), x3),
                              crop_like(self.upsampled_flow4_to_3(flow4), x3)] + match, 1)  # (B, concat3, H/8, W/8)
         flow3 = self.predict_flow3(concat3)  # (B, 2, H/8, W/8)
-        concat2 = torch.cat([f4, crop_like(self.deconv2(concat3), f4),
-                             crop_like(self.upsampled_flow3_to_2(flow3), f4)], 1)  # (B, concat2, H/4, W/4)
+        up3 = crop_like(self.upsampled_flow3_to_2(flow3), f4)  # (B, 2, H/4, W/4), FlowNet units
+        fine = []
+        if self.fine_match:  # FlowNet units <-> stride-4 pixels: x FLOW_DIV x (grid / image size)
+            to_grid = up3.new_tensor([f4.shape[3] / image_size[1], f4.shape[2] / image_size[0]]).view(1, 2, 1, 1)
+            residual, peak = self.fine_residual(f4, f4_2, up3 * (FLOW_DIV * to_grid))
+            fine = [(residual / (FLOW_DIV * to_grid)).to(up3.dtype), peak.to(up3.dtype)]
+        concat2 = torch.cat([f4, crop_like(self.deconv2(concat3), f4), up3] + fine, 1)  # (B, concat2, H/4, W/4)
         flow2 = self.predict_flow2(concat2)  # (B, 2, H/4, W/4)
 
         flows = [flow_to_pixels(raw, image_size) for raw in (flow2, flow3, flow4, flow5, flow6)]
@@ -642,17 +679,18 @@ class EFCNet(nn.Module):
     also stride 8 and less semantic: its cosine matches match the moving cars where layer3's match
     the background around them; "layer2+3" compares both (the mean of their cosines): between the two
     on the cars and on the static scene (docs/moving-cars.md).
+    match_input, pass_through, fine_match: FlowDecoder's switches (not in EFC, off in its recipe).
     """
 
     def __init__(self, num_classes, backbone="resnet50", max_displacement=20, corr_stride=2, corr_layer="layer3",
-                 match_input=False, pass_through=False):
+                 match_input=False, pass_through=False, fine_match=0):
         super().__init__()
         if corr_layer not in CORR_LAYERS:
             raise ValueError(f"corr_layer must be one of {CORR_LAYERS}, got {corr_layer!r}")
         self.corr_layer = corr_layer
         self.seg = PSPNet(num_classes, backbone)
         self.flow = FlowDecoder(self.seg.enc_channels, self.seg.skip_channels, max_displacement, corr_stride,
-                                match_input=match_input, pass_through=pass_through)
+                                match_input=match_input, pass_through=pass_through, fine_match=fine_match)
 
     def forward(self, image, image_b=None, segment=True, warmup=False, flow=True):
         if image_b is None:
@@ -667,7 +705,7 @@ class EFCNet(nn.Module):
           'occ_a', 'occ_b'        5 x (B, 1, h_l, w_l) O_est; occ_a: pixels of a with no match in b
                                   (from the run that gave flow_ab), occ_b likewise from flow_ba's run
         segment=False (flow-only training) skips layer4 and the PSP heads: logits and aux are None.
-        warmup=True (train.py --flow-warmup) adds 'match_ab', 'match_ba' (B, 2, H/8, W/8), the
+        warmup=True (train.py --flow-warmup) adds 'match_ab', 'match_ba' (B, 2, H/8, W/8; H/4 with fine_match), the
         FlowDecoder.matching_flow of the pair in feature pixels (the warm-up's targets, no
         gradient), and the decoder reads detached features: the warm-up teaches the decoder to read
         the encoder, it must not move the encoder, whose features make the targets.
@@ -685,18 +723,18 @@ class EFCNet(nn.Module):
             M = torch.cat([matching_features(f8), matching_features(S)], 1)
         # One decoder run on the batch of pairs [(a, b); (b, a)]: the same weights give F_a->b
         # (first half) and F_b->a (second half). The first frames are [a; b] = S and f4 as they are.
-        S1, S2, skip = S, torch.cat([S_b, S_a]), f4
+        S1, S2, skip, skip2 = S, torch.cat([S_b, S_a]), f4, torch.cat([f4[B:], f4[:B]])
         M1, M2 = M, torch.cat([M[B:], M[:B]])
         if warmup:
-            S1, S2, skip, M1, M2 = S1.detach(), S2.detach(), skip.detach(), M1.detach(), M2.detach()
+            S1, S2, skip, skip2, M1, M2 = (t.detach() for t in (S1, S2, skip, skip2, M1, M2))
         out = {"S_a": S_a, "S_b": S_b, "flow_ab": None, "flow_ba": None, "occ_a": None, "occ_b": None,
                "logits_a": None, "logits_b": None, "aux_a": None, "aux_b": None}
         if flow:
-            flows, occlusions = self.flow(S1, S2, skip, size, M1, M2)
+            flows, occlusions = self.flow(S1, S2, skip, size, M1, M2, skip2)
             out.update({"flow_ab": [f[:B] for f in flows], "flow_ba": [f[B:] for f in flows],
                         "occ_a": [o[:B] for o in occlusions], "occ_b": [o[B:] for o in occlusions]})
         if warmup:
-            matches = self.flow.matching_flow(M1, M2)  # (2B, 2, H/8, W/8)
+            matches = self.flow.matching_flow(M1, M2, skip, skip2)  # (2B, 2, H/8, W/8); H/4 with fine_match
             out["match_ab"], out["match_ba"] = matches[:B], matches[B:]
         if segment:
             seg = self.seg.decode(S, size)  # logits (2B, K, H, W); aux likewise or None
@@ -771,7 +809,7 @@ CORR_LAYERS = ("layer3", "layer2", "layer2+3")  # EFCNet's corr_layer
 
 def build_model(method, num_classes, backbone="resnet50", flow_backbone="resnet18", max_displacement=20,
                 corr_stride=2, context="psp", flow_context="fcn", corr_layer="layer3", match_input=False,
-                pass_through=False):
+                pass_through=False, fine_match=0):
     """The network of a training method (train.py's --method; checkpoints store these arguments):
       psp       PSPNet, the image-only baseline of both papers; with context 'fcn' the same network
                 without its pyramid pooling (Flow2Seg Table 3's "ResNet101-FCN")
@@ -789,7 +827,8 @@ def build_model(method, num_classes, backbone="resnet50", flow_backbone="resnet1
     if method == "flow2seg":
         return Flow2SegNet(num_classes, backbone, flow_backbone, flow_context=flow_context)
     if method in ("efc", "flow"):
-        return EFCNet(num_classes, backbone, max_displacement, corr_stride, corr_layer, match_input, pass_through)
+        return EFCNet(num_classes, backbone, max_displacement, corr_stride, corr_layer, match_input, pass_through,
+                      fine_match)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 

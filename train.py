@@ -532,7 +532,7 @@ def build_training(args, world, rank, device, log, outer_command):
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every rerun
     net = build_model(args.method, args.num_classes, args.backbone, args.flow_backbone, args.max_displacement,
                       args.corr_stride, args.context, args.flow_context, args.corr_layer, args.match_input,
-                      args.pass_through)
+                      args.pass_through, args.fine_match)
     if args.no_dropout:  # dropout masks are the one thing that differs between 1 and N processes
         for module in net.modules():
             if isinstance(module, torch.nn.Dropout):

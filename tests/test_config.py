@@ -30,6 +30,14 @@ def test_the_per_method_overrides_are_named_rules():
     assert (flow.freeze, flow.sources["freeze"]) == ("seg", "rule flow-alone-freezes-encoder")
     assert (flow.crop, flow.sources["crop"]) == ([128, 256], "rule whole-frames")
     assert config.parse_args(["--method", "flow", "--freeze", "none"]).freeze == ""  # a flag wins
+    decoder = ("corr_layer", "match_input", "pass_through", "fine_match")
+    assert tuple(getattr(flow, k) for k in decoder) == ("layer2+3", True, True, 2)
+    assert {flow.sources[k] for k in decoder} == {"rule flow-finds-the-moving-cars"}
+    plain = config.parse_args(["--method", "flow", "--corr-layer", "layer3", "--no-match-input",
+                               "--no-flow-pass-through", "--fine-match", "0"])  # EFC's decoder, as replicate.py asks
+    assert tuple(getattr(plain, k) for k in decoder) == ("layer3", False, False, 0)
+    efc = config.parse_args(["--method", "efc"])  # efc keeps EFC's decoder (not yet measured with the rule's)
+    assert tuple(getattr(efc, k) for k in decoder) == ("layer3", False, False, 0) and efc.sources["fine_match"] == "quick"
     psp = config.parse_args(["--method", "psp"])
     assert (psp.clip_grad, psp.sources["clip_grad"]) == (0.0, "quick") and psp.crop == [96, 96]
     assert (psp.flow_warmup, psp.sources["flow_warmup"]) == (0, "rule warmup-where-the-flow-trains")

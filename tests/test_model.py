@@ -417,6 +417,31 @@ def test_pass_through_init_hands_the_cost_volumes_answer_down_to_stride_4():
     assert torch.allclose(up[..., 1:-1, 1:-1], torch.full_like(up[..., 1:-1, 1:-1], 3.0))
 
 
+def test_fine_match_adds_the_stride4_residual_the_coarse_match_cannot_see():
+    """fine_match: the stride-8 features do not move (coarse match 0), the second frame's layer1
+    features are the first's moved 2 px right and 1 px down on the stride-4 grid. An untrained
+    pass-through decoder outputs that motion at stride 4 (and 0 at stride 8); without fine_match it
+    outputs 0; matching_flow (the warm-up's target) says the same; R must cover the motion."""
+    torch.manual_seed(0)
+    S = torch.randn(1, 64, 8, 12)
+    f4 = torch.randn(1, 16, 16, 24)
+    f4_2 = torch.roll(f4, shifts=(1, 2), dims=(2, 3))
+    with torch.no_grad():
+        fine = model.FlowDecoder(64, 16, 4, 1, match_input=True, pass_through=True, fine_match=2)
+        coarse = model.FlowDecoder(64, 16, 4, 1, match_input=True, pass_through=True)
+        flows = fine(S, S, f4, (64, 96), f4_2=f4_2)[0]
+        plain = coarse(S, S, f4, (64, 96))[0]
+        target = fine.matching_flow(S, S, f4, f4_2)
+    inner = (slice(None), slice(None), slice(3, 13), slice(3, 21))  # away from the rolled borders
+    motion = torch.tensor([2.0, 1.0]).view(1, 2, 1, 1)
+    assert target.shape == (1, 2, 16, 24) and torch.allclose(target[inner], motion.expand_as(target[inner]), atol=0.01)
+    error = (flows[0][inner] - motion).abs()  # what the untrained layers add: small, without bias
+    assert error.mean() < 0.1 and error.max() < 0.6
+    assert flows[1].abs().max() < 0.3 and (plain[0][inner] - motion).abs().mean() > 0.9
+    with pytest.raises(ValueError, match="needs f4_2"):
+        fine(S, S, f4, (64, 96))
+
+
 # ---------------------------------------------------------------------------------------------
 # Flow2Seg Table 2's context modules on the flow path, Table 3's image-only FCN
 # ---------------------------------------------------------------------------------------------

@@ -415,7 +415,7 @@ def test_evaluation_flows_come_from_the_flow_from_dependency_not_the_init_one(wo
     settings = {**replicate.QUICK, "eval_snippets": 1}
     paths = {"results": tmp_path / "results", "runs": tmp_path / "runs", "data": world}
     filled, evaluated = [], []
-    monkeypatch.setattr(replicate.train, "read_checkpoint", lambda path: {"iteration": settings["iterations"]})
+    monkeypatch.setattr(replicate.checkpoints, "read_checkpoint", lambda path: {"iteration": settings["iterations"]})
     monkeypatch.setattr(replicate.train, "fill_flow_dir", lambda source, *a, **kw: filled.append(Path(source)))
     monkeypatch.setattr(replicate, "evaluate_run", lambda ckpt, seq, device, flow_dir: evaluated.append(flow_dir) or {})
     for name in ("flow2seg-gt", "flow2seg-efc"):
@@ -431,7 +431,7 @@ def test_the_zero_flow_control_reads_zeros_of_each_frames_size_in_training_and_e
     settings = {**replicate.QUICK, "eval_snippets": 1}
     paths = {"results": tmp_path / "results", "runs": tmp_path / "runs", "data": world}
     evaluated = []
-    monkeypatch.setattr(replicate.train, "read_checkpoint", lambda path: {"iteration": settings["iterations"]})
+    monkeypatch.setattr(replicate.checkpoints, "read_checkpoint", lambda path: {"iteration": settings["iterations"]})
     monkeypatch.setattr(replicate, "evaluate_run", lambda ckpt, seq, device, flow_dir: evaluated.append(flow_dir) or {})
     run = tmp_path / "runs" / "flow2seg-zero" / "seed0"
     run.mkdir(parents=True)

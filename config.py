@@ -31,9 +31,10 @@ from typing import Callable, NamedTuple
 
 import checkpoints
 import data
+import kitti_raw
 import losses
 import synthetic
-from model import CORR_LAYERS, FLOW_CONTEXTS, METHODS
+from model import CORR_LAYERS, COST_VOLUMES, FLOW_CONTEXTS, METHODS
 
 # ---------------------------------------------------------------------------------------------
 # The recipes
@@ -50,7 +51,7 @@ QUICK = {"dataset": "synthetic", "backbone": "resnet18", "flow_backbone": "resne
          "cons_weight": 0.01, "occ_weight": losses.EFC_WEIGHTS["occ"], "sm_weight": losses.EFC_WEIGHTS["sm"],
          "edge_weight": losses.EDGE_WEIGHT, "full_res_scale": True, "detach_occ_in_cons": True,
          "loss_reduction": "mean", "corr_layer": "layer3", "match_input": False, "pass_through": False,
-         "fine_match": 0}
+         "fine_match": 0, "cost_volume": "cosine", "coarse": False}
 QUICK_FLOW_ITERATIONS = 400  # the quick recipe's efc and flow on the synthetic world (RULES' flow-budget)
 # The paper recipe's values that are not in the paper (flow_lr_mult 0.1, edge_weight 150, means, O_est
 # detached in L_cons, and clip-flow-decoder below): the table of docs/choices.md, with each switch.
@@ -62,7 +63,7 @@ PAPER_EFC = {"backbone": "resnet101", "flow_backbone": "resnet18", "optimizer": 
              "occ_weight": losses.EFC_WEIGHTS["occ"], "sm_weight": losses.EFC_WEIGHTS["sm"],
              "edge_weight": losses.EDGE_WEIGHT, "full_res_scale": False, "detach_occ_in_cons": True,
              "loss_reduction": "mean", "corr_layer": "layer3", "match_input": False, "pass_through": False,
-             "fine_match": 0}
+             "fine_match": 0, "cost_volume": "cosine", "coarse": False}
 PAPER_FLOW2SEG = {**PAPER_EFC, "optimizer": "adam", "lr": 2e-5, "crop": [832, 832], "batch": 8,
                   "iterations": 100_000}
 OPTIMIZER = {  # quick recipe: the papers' optimisers
@@ -113,6 +114,10 @@ RULES = [
          "the decoder starts as two-level block matching (stride 8 on layers 2+3, stride 4 on layer1) and learns "
          "corrections: the moving cars at 0.47x the camera-only flow's error, not 0.94x, at the same EPE over "
          "the frame (docs/moving-cars.md); efc keeps EFC's decoder until its run with them is measured"),
+    Rule("kitti-raw-crop", lambda a: a.recipe == "paper" and a.dataset == "kitti" and a.kitti_raw is not None,
+         lambda a: {"crop": list(kitti_raw.CROP)},
+         "KITTI frames are about 375x1242: a 713x713 crop would force the scale into [1.9, 2]; 256x640 fits every "
+         "KITTI frame size at scale 1 and any angle of the paper's rotation (kitti_raw.py)"),
     Rule("clip-flow-decoder", lambda a: a.method in ("efc", "flow"), lambda a: {"clip_grad": 10.0},
          "the flow decoder's early gradients are 10-20x the rest's (train.build_training clips it alone)"),
     Rule("ablation-pairs", lambda a: a.ablation is not None,
@@ -200,7 +205,8 @@ def build_parser():
     # Which data, and which frames EFC pairs ("Implementation Details": t in [1, 5], ten pairs a snippet).
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["synthetic", "cityscapes", "camvid", "kitti"],
-                   help="kitti: unsupervised flow on KITTI 2015 multiview frames (method flow only); "
+                   help="kitti: unsupervised flow on KITTI 2015 multiview frames (method flow), or with --kitti-raw "
+                        "and --pseudo-labels EFC on KITTI raw (--data-root: KITTI 2015, for validation); "
                         "--recipe paper needs it named")
     g.add_argument("--data-root", help="dataset folder (default for synthetic: data/synthetic, generated if missing)")
     g.add_argument("--frames-dir", help="CamVid: folder of video frames for the unlabelled neighbours (efc, flow)")
@@ -209,6 +215,13 @@ def build_parser():
                    "efc: half of them with the labelled frame, each item one of those plus one without")
     g.add_argument("--labelled-pairs", type=int, help="EFC: how many of them contain the labelled frame (default: half)")
     g.add_argument("--max-gap", type=int, help="EFC: pairs (I_i, I_i+t) with 1 <= t <= max-gap")
+    g.add_argument("--kitti-raw", metavar="DIR",
+                   help="--dataset kitti: train on the KITTI raw drives under DIR (kitti_raw.KittiRaw; the KITTI 2015 "
+                        "scenes left out), with --pseudo-labels")
+    g.add_argument("--pseudo-labels", metavar="DIR",
+                   help="with --kitti-raw: the pseudo-label folder written by evaluate.py --pseudo-labels")
+    g.add_argument("--coarse", action="store_true",
+                   help="--method psp --dataset cityscapes: add the gtCoarse labels of train_extra to the training set")
     g.add_argument("--no-augment", action="store_true", help="no scale/rotation/flip/jitter; centre crop only")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per training process")
     g = p.add_argument_group("Flow2Seg flow input (F_t->t-1 of the labelled frame)")
@@ -266,6 +279,10 @@ def add_model_flags(p):
     g.add_argument("--fine-match", type=int, metavar="R",
                    help="give the flow decoder's stride-4 layer a second match: layer1 features warped by the "
                         "upsampled stride-8 flow, correlated within +-R cells; 0 = off (not in EFC; docs/choices.md)")
+    g.add_argument("--cost-volume", choices=COST_VOLUMES,
+                   help="what the flow decoder's correlation computes: cosine (ours: the cosines of unit features) or "
+                        "raw (FlowNetC's dot product / C); raw refuses --flow-warmup > 0, --match-input and "
+                        "--fine-match, whose soft-argmax is calibrated for cosines (docs/choices.md)")
     g.add_argument("--no-world-init", action="store_true",
                    help="quick recipe on the synthetic world: start efc / flow / flow2seg from scratch instead of "
                         "from a PSPNet trained on the world (see world_encoder)")
@@ -462,13 +479,13 @@ def check_combinations(p, args, given):
                 f"({args.pairs_per_snippet}) must be even and --labelled-pairs ({args.labelled_pairs}) half of it")
     if args.data_root is None and args.dataset not in (None, "synthetic"):
         p.error(f"--dataset {args.dataset} needs --data-root (the folder holding the dataset)")
-    if args.dataset == "kitti" and args.method != "flow":
-        p.error("--dataset kitti has no segmentation labels: use it with --method flow")
+    check_data_flags(p, args)
     if args.flow_warmup < 0 or (args.flow_warmup and not trains_flow(args) and "flow_warmup" in given):
         p.error("--flow-warmup N (N >= 0) warms up the unsupervised flow of --method efc / flow (not tcc-fix)")
     if args.fine_match < 0:
         p.error(f"--fine-match R is the flow decoder's stride-4 match range in cells: R >= 0 (0 = off), "
                 f"got {args.fine_match}")
+    check_cost_volume(p, args)
     if args.flow_supervised and (args.method != "flow" or args.dataset != "synthetic" or args.ablation):
         p.error("--flow-supervised trains --method flow on the synthetic world's true flow (no --ablation)")
     if args.loss_reduction != "mean" and args.method not in ("efc", "flow"):
@@ -482,6 +499,40 @@ def check_combinations(p, args, given):
         p.error("give --flow-dir or --flow-from, not both")
     if (args.flow_dir or args.flow_from) and args.method != "flow2seg":
         p.error("--flow-dir / --flow-from are Flow2Seg's flow input: use them with --method flow2seg")
+
+
+def check_data_flags(p, args):
+    """The refusals of the KITTI and Cityscapes data flags: KITTI 2015 has flow but no segmentation
+    labels, KITTI raw has pseudo-labels (evaluate.py --pseudo-labels), gtCoarse is PSPNet's."""
+    if (args.kitti_raw or args.pseudo_labels) and args.dataset != "kitti":
+        p.error("--kitti-raw / --pseudo-labels are KITTI raw training data: use them with --dataset kitti")
+    if bool(args.kitti_raw) != bool(args.pseudo_labels):
+        p.error("--kitti-raw DIR and --pseudo-labels DIR go together: KITTI raw is read with its pseudo-labels")
+    if args.dataset == "kitti" and args.method == "efc" and not args.kitti_raw:
+        p.error("--method efc on --dataset kitti trains on KITTI raw with pseudo-labels: give --kitti-raw DIR "
+                "and --pseudo-labels DIR")
+    if args.dataset == "kitti" and args.method not in ("flow", "efc"):
+        p.error("--dataset kitti has no segmentation labels: use it with --method flow, or --method efc with "
+                "--kitti-raw and --pseudo-labels")
+    if args.coarse and (args.method != "psp" or args.dataset != "cityscapes"):
+        p.error("--coarse adds Cityscapes' gtCoarse train_extra to PSPNet's training set: use it with --method psp "
+                "--dataset cityscapes")
+
+
+def check_cost_volume(p, args):
+    """--cost-volume raw: FlowNetC's raw correlation / C has no fixed range, and the soft-argmax of
+    the warm-up, --match-input and --fine-match is calibrated for cosines in [-1, 1]; refused with
+    them rather than silently mixing two cost volumes."""
+    if args.cost_volume != "raw":
+        return
+    if args.flow_warmup > 0:
+        p.error(f"--cost-volume raw: the warm-up's target is a soft-argmax calibrated for cosines: give "
+                f"--flow-warmup 0 (got {args.flow_warmup})")
+    if args.match_input:
+        p.error("--cost-volume raw: --match-input's soft-argmax is calibrated for cosines: give --no-match-input")
+    if args.fine_match > 0:
+        p.error(f"--cost-volume raw: --fine-match's soft-argmax is calibrated for cosines: give --fine-match 0 "
+                f"(got {args.fine_match})")
 
 
 # Flags that may differ between a run and its --resume: where and how it runs, not what it computes.

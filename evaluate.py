@@ -146,7 +146,8 @@ def load_checkpoint(path, device="cpu"):
     net = models.build_model(method, config["num_classes"], config["backbone"], config["flow_backbone"],
                              config["max_displacement"], config["corr_stride"], context, flow_context,
                              config.get("corr_layer", "layer3"), bool(config.get("match_input", False)),
-                             bool(config.get("pass_through", False)), int(config.get("fine_match", 0)))
+                             bool(config.get("pass_through", False)), int(config.get("fine_match", 0)),
+                             config.get("cost_volume", "cosine"))  # older checkpoints: the cosine
     try:
         net.load_state_dict(checkpoint["model"])
     except RuntimeError as e:

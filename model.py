@@ -514,12 +514,21 @@ class FlowDecoder(nn.Module):
     (FlowNet units) and peak weight, 3 channels. Why: a stride-8 cell is as wide as a third of a car's
     height and half of the car pixels lie within 4 px of its outline, so the stride-8 match mixes the
     car with what surrounds it (docs/moving-cars.md, section 7).
+
+    cost_volume "cosine" (ours; train.py --cost-volume) correlates matching_features, each channel a
+    cosine in [-1, 1]; "raw" correlates the features as they are, divided by their channel count
+    (FlowNetC's raw correlation / C). docs/choices.md#the-paper-recipe-against-the-papers says why the
+    paper recipe keeps the cosine. The soft-argmax of match_input, fine_match and matching_flow is
+    calibrated for cosines: config.py refuses them with "raw".
     """
 
     def __init__(self, enc_channels, skip_channels, max_displacement=20, stride=2, redirect_channels=32,
-                 match_input=False, pass_through=False, fine_match=0):
+                 match_input=False, pass_through=False, fine_match=0, cost_volume="cosine"):
         super().__init__()
+        if cost_volume not in COST_VOLUMES:
+            raise ValueError(f"cost_volume must be one of {COST_VOLUMES}, got {cost_volume!r}")
         self.max_displacement, self.stride, self.match_input = max_displacement, stride, match_input
+        self.cost_volume = cost_volume
         self.fine_match = int(fine_match)
         D = 2 * (max_displacement // stride) + 1  # displacements per axis (21 for 20, 2)
         m = 3 if match_input else 0  # the cost volume's soft-argmax flow (2) and peak weight (1)
@@ -594,8 +603,11 @@ class FlowDecoder(nn.Module):
             self.predict_flow2.weight[0, at, 1, 1] = self.predict_flow2.weight[1, at + 1, 1, 1] = 1.0
 
     def correlate(self, S1, S2):
-        """FlowNetC correlation (kernel 1) of matching_features: (B, D^2, h, w), each channel the
-        cosine similarity of S1 at p and S2 at p + displacement (stride-8 feature pixels)."""
+        """FlowNetC correlation (kernel 1): (B, D^2, h, w), each channel comparing S1 at p with S2 at
+        p + displacement (stride-8 feature pixels): their cosine similarity (cost_volume "cosine", the
+        dot product of matching_features), or FlowNetC's raw dot product / C ("raw")."""
+        if self.cost_volume == "raw":
+            return warp.correlation(S1, S2, self.max_displacement, self.stride, normalize=True)
         return warp.correlation(matching_features(S1), matching_features(S2), self.max_displacement, self.stride,
                                 normalize=False)
 
@@ -625,8 +637,8 @@ class FlowDecoder(nn.Module):
         if self.fine_match and f4_2 is None:
             raise ValueError("FlowDecoder(fine_match > 0) needs f4_2, the second frame's layer1 features")
         # FlowNetC correlation (kernel 1) on the stride-8 features: D^2 channels, displacements up to
-        # max_displacement feature pixels = 8x that many image pixels. It correlates matching_features,
-        # so each channel is a cosine similarity in [-1, 1] (FlowNetC: raw features / C).
+        # max_displacement feature pixels = 8x that many image pixels. With cost_volume "cosine" it
+        # correlates matching_features, so each channel is a cosine in [-1, 1] (FlowNetC: raw / C).
         cost = self.correlate(M1, M2)  # (B, D^2, H/8, W/8)
         stride8 = [F.leaky_relu(cost, 0.1), self.redirect(S1)]
         match = []
@@ -679,18 +691,20 @@ class EFCNet(nn.Module):
     also stride 8 and less semantic: its cosine matches match the moving cars where layer3's match
     the background around them; "layer2+3" compares both (the mean of their cosines): between the two
     on the cars and on the static scene (docs/moving-cars.md).
-    match_input, pass_through, fine_match: FlowDecoder's switches (not in EFC, off in its recipe).
+    match_input, pass_through, fine_match, cost_volume: FlowDecoder's switches (the first three not in
+    EFC and off in its recipe; cost_volume "raw" is FlowNetC's, "cosine" ours).
     """
 
     def __init__(self, num_classes, backbone="resnet50", max_displacement=20, corr_stride=2, corr_layer="layer3",
-                 match_input=False, pass_through=False, fine_match=0):
+                 match_input=False, pass_through=False, fine_match=0, cost_volume="cosine"):
         super().__init__()
         if corr_layer not in CORR_LAYERS:
             raise ValueError(f"corr_layer must be one of {CORR_LAYERS}, got {corr_layer!r}")
         self.corr_layer = corr_layer
         self.seg = PSPNet(num_classes, backbone)
         self.flow = FlowDecoder(self.seg.enc_channels, self.seg.skip_channels, max_displacement, corr_stride,
-                                match_input=match_input, pass_through=pass_through, fine_match=fine_match)
+                                match_input=match_input, pass_through=pass_through, fine_match=fine_match,
+                                cost_volume=cost_volume)
 
     def forward(self, image, image_b=None, segment=True, warmup=False, flow=True):
         if image_b is None:
@@ -805,11 +819,12 @@ class Flow2SegNet(nn.Module):
 
 METHODS = ("psp", "flow2seg", "efc", "flow")
 CORR_LAYERS = ("layer3", "layer2", "layer2+3")  # EFCNet's corr_layer
+COST_VOLUMES = ("cosine", "raw")  # FlowDecoder's cost_volume
 
 
 def build_model(method, num_classes, backbone="resnet50", flow_backbone="resnet18", max_displacement=20,
                 corr_stride=2, context="psp", flow_context="fcn", corr_layer="layer3", match_input=False,
-                pass_through=False, fine_match=0):
+                pass_through=False, fine_match=0, cost_volume="cosine"):
     """The network of a training method (train.py's --method; checkpoints store these arguments):
       psp       PSPNet, the image-only baseline of both papers; with context 'fcn' the same network
                 without its pyramid pooling (Flow2Seg Table 3's "ResNet101-FCN")
@@ -828,7 +843,7 @@ def build_model(method, num_classes, backbone="resnet50", flow_backbone="resnet1
         return Flow2SegNet(num_classes, backbone, flow_backbone, flow_context=flow_context)
     if method in ("efc", "flow"):
         return EFCNet(num_classes, backbone, max_displacement, corr_stride, corr_layer, match_input, pass_through,
-                      fine_match)
+                      fine_match, cost_volume)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 

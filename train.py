@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 import config
 import data
 import evaluate
+import kitti_raw
 import losses
 import synthetic
 from checkpoints import read_checkpoint, rng_state, save_best, save_checkpoint, set_rng_state, truncate_log
@@ -109,17 +110,25 @@ class GlobalBatches:
 
 
 def training_dataset(args):
-    """The training set of a method and dataset, with the joint augmentation (data.JointTransform)."""
-    # No padding where the flow learns from photometric losses (efc, flow): padded pixels (the image
-    # scaled below the crop, a rotated frame's corners) are black in both frames at the same place, a
-    # static pattern with sharp edges that L_pm scores best at zero flow, so they pull the learned
-    # motion towards zero (how much: docs/learning.md#choices-measured-on-the-world).
+    """The training set of a method and dataset, with the joint augmentation (data.JointTransform):
+    each paper's under --recipe paper (data.paper_augmentation), else the quick recipe's."""
+    # Quick: no padding and no rotation where the flow learns from photometric losses (efc, flow):
+    # padded pixels (the image scaled below the crop, a rotated frame's corners) are black in both
+    # frames at the same place, a static pattern with sharp edges that L_pm scores best at zero flow,
+    # so they pull the learned motion towards zero (docs/learning.md#choices-measured-on-the-world).
+    # The paper recipe rotates as EFC does, the crop drawn inside the rotated frame (pad=False).
     photometric = args.method in ("efc", "flow") and not args.flow_supervised
-    unpadded = dict(pad=False, rotate=0.0) if photometric else {}
-    transform = data.JointTransform(crop=args.crop, train=not args.no_augment, **unpadded)
+    augmentation = data.paper_augmentation(args.method) if args.recipe == "paper" else \
+        data.quick_augmentation(photometric)
+    transform = data.JointTransform(crop=args.crop, train=not args.no_augment, **augmentation)
     root = args.data_root
     pairs, labelled, mode = args.pairs_per_snippet, args.labelled_pairs, args.pair_mode  # the row's (config)
     modes = dict(labelled_pairs=labelled, fixed_labelled=mode != "mixed", unlabelled_companion=mode == "ud")
+    if args.dataset == "kitti" and args.kitti_raw:  # EFC on KITTI raw with pseudo-labels; --data-root validates
+        dataset = kitti_raw.KittiRaw(args.kitti_raw, args.pseudo_labels, pairs_per_snippet=pairs,
+                                     max_gap=args.max_gap, transform=transform, seed=args.seed)
+        dataset.set_pair_mode(**modes)
+        return dataset
     if args.dataset == "kitti":
         return data.KittiFlow(root, "training", mode="multiview", transform=transform)
     if args.flow_supervised:  # consecutive frames with their true flows in both directions
@@ -134,7 +143,8 @@ def training_dataset(args):
         dataset.set_pair_mode(**modes)
         return dataset
     if args.method == "psp":
-        return data.CityscapesImages(root, "train", transform=transform)
+        return data.CityscapesImages(root, "train", transform=transform,
+                                     coarse_splits=("train_extra",) if args.coarse else ())
     if args.method == "flow2seg":
         return data.CityscapesFlow2Seg(root, "train", flow_dir=args.flow_dir, transform=transform)
     return data.CityscapesPairs(root, "train", pairs_per_snippet=pairs, max_gap=args.max_gap, transform=transform,
@@ -532,7 +542,7 @@ def build_training(args, world, rank, device, log, outer_command):
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for every rerun
     net = build_model(args.method, args.num_classes, args.backbone, args.flow_backbone, args.max_displacement,
                       args.corr_stride, args.context, args.flow_context, args.corr_layer, args.match_input,
-                      args.pass_through, args.fine_match)
+                      args.pass_through, args.fine_match, args.cost_volume)
     if args.no_dropout:  # dropout masks are the one thing that differs between 1 and N processes
         for module in net.modules():
             if isinstance(module, torch.nn.Dropout):

@@ -110,3 +110,75 @@ def test_ablation_rows_are_named_fields_and_their_pairs_cannot_be_overridden(cap
     err = refused(capsys, ["--method", "efc", "--ablation", "tcc-single", "--pairs-per-snippet", "4"])
     assert "--ablation tcc-single trains on its own pairs (1 per snippet, 1 with the labelled frame)" in err
     assert "is the reduction of EFC's losses" in refused(capsys, ["--method", "psp", "--loss-reduction", "sum"])
+
+
+PAPER_KITTI = ["--recipe", "paper", "--dataset", "kitti", "--data-root", "KITTI", "--from-scratch"]
+RAW = ["--kitti-raw", "RAW", "--pseudo-labels", "LABELS"]
+
+
+def test_efc_trains_on_kitti_raw_with_pseudo_labels_and_the_kitti_crop():
+    import kitti_raw
+    args = config.parse_args(["--method", "efc", *PAPER_KITTI, *RAW])
+    assert (args.kitti_raw, args.pseudo_labels, args.data_root) == ("RAW", "LABELS", "KITTI")
+    assert (args.crop, args.sources["crop"]) == ([256, 640], "rule kitti-raw-crop") and args.crop == list(kitti_raw.CROP)
+    text = config.describe(args)
+    assert "crop 256 640 [rule kitti-raw-crop]" in text and "kitti_raw RAW [flag]" in text and "coarse False" in text
+    assert "rule kitti-raw-crop: KITTI frames are about 375x1242: a 713x713 crop would force the scale into" in text
+    assert config.parse_args(["--method", "efc", *PAPER_KITTI, *RAW, "--crop", "320", "640"]).crop == [320, 640]
+    assert config.parse_args(["--method", "flow", *PAPER_KITTI]).crop == [713, 713]  # KITTI 2015 multiview: no rule
+    quick = config.parse_args(["--method", "efc", "--dataset", "kitti", "--data-root", "KITTI", *RAW])
+    assert quick.crop == [96, 96] and quick.sources["crop"] == "quick"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "efc", *PAPER_KITTI], "--method efc on --dataset kitti trains on KITTI raw with pseudo-labels: "
+                                        "give --kitti-raw DIR and --pseudo-labels DIR"),
+    (["--method", "efc", *PAPER_KITTI, "--kitti-raw", "RAW"],
+     "--kitti-raw DIR and --pseudo-labels DIR go together: KITTI raw is read with its pseudo-labels"),
+    (["--method", "psp", *PAPER_KITTI, *RAW], "--dataset kitti has no segmentation labels: use it with --method "
+                                              "flow, or --method efc with --kitti-raw and --pseudo-labels"),
+    (["--method", "efc", *RAW], "--kitti-raw / --pseudo-labels are KITTI raw training data: use them with "
+                                "--dataset kitti"),
+    (["--method", "efc", "--coarse"], "--coarse adds Cityscapes' gtCoarse train_extra to PSPNet's training set: "
+                                      "use it with --method psp --dataset cityscapes"),
+    (["--method", "psp", "--coarse"], "use it with --method psp --dataset cityscapes"),
+    (["--method", "efc", "--cost-volume", "raw"], "--cost-volume raw: the warm-up's target is a soft-argmax "
+                                                  "calibrated for cosines: give --flow-warmup 0 (got 200)"),
+    (["--method", "flow", "--cost-volume", "raw", "--flow-warmup", "0"],
+     "--cost-volume raw: --match-input's soft-argmax is calibrated for cosines: give --no-match-input"),
+    (["--method", "flow", "--cost-volume", "raw", "--flow-warmup", "0", "--no-match-input"],
+     "--cost-volume raw: --fine-match's soft-argmax is calibrated for cosines: give --fine-match 0 (got 2)"),
+])
+def test_the_kitti_raw_coarse_and_cost_volume_refusals_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        config.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_coarse_and_the_cost_volume_switch_resolve_with_their_recipe_values():
+    for recipe in (["--recipe", "quick"], ["--recipe", "paper", "--dataset", "cityscapes", "--data-root", "C",
+                                           "--from-scratch"]):
+        args = config.parse_args(["--method", "psp", *recipe])
+        assert (args.coarse, args.cost_volume) == (False, "cosine") and args.sources["coarse"] == recipe[1]
+    coarse = config.parse_args(["--method", "psp", "--dataset", "cityscapes", "--data-root", "C", "--coarse"])
+    assert coarse.coarse and "coarse True [flag]" in config.describe(coarse)
+    raw = config.parse_args(["--method", "efc", "--cost-volume", "raw", "--flow-warmup", "0"])
+    assert raw.cost_volume == "raw" and "cost_volume raw [flag]" in config.describe(raw)
+    paper = config.parse_args(["--method", "efc", "--recipe", "paper", "--dataset", "synthetic", "--from-scratch",
+                               "--cost-volume", "raw"])  # the paper recipe has no warm-up: accepted as it is
+    assert (paper.cost_volume, paper.flow_warmup) == ("raw", 0)
+
+
+def test_every_train_command_of_docs_training_md_parses():
+    # the commands of its code blocks, continuation lines joined; "..." (elided flags) and --resume (it
+    # reads a checkpoint) are left out
+    import re
+    import shlex
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    lines = [line.split("#")[0] for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    commands = [m.group(1) for m in (re.search(r"train\.py (.*)", line) for line in lines) if m]
+    parsed = [config.parse_args(shlex.split(c)) for c in commands if "..." not in c and "--resume" not in c]
+    assert len(parsed) >= 6 and any(a.kitti_raw for a in parsed) and any(a.coarse for a in parsed)

@@ -556,3 +556,18 @@ def test_build_model_takes_each_context_only_where_it_means_something():
             model.build_model(method, K, "resnet18", **kwargs)
     with pytest.raises(ValueError, match="flow context"):
         model.context_module("nonlocal", 512)
+
+
+def test_cost_volume_raw_is_flownetc_correlation_over_C_and_cosine_correlates_unit_features():
+    torch.manual_seed(0)
+    S1, S2 = torch.randn(2, 64, 9, 11) * 3, torch.randn(2, 64, 9, 11) * 3
+    raw = model.FlowDecoder(64, 16, max_displacement=4, stride=2, cost_volume="raw")
+    cosine = model.FlowDecoder(64, 16, max_displacement=4, stride=2)
+    assert torch.allclose(raw.correlate(S1, S2), warp.correlation(S1, S2, 4, 2, normalize=True), atol=1e-5)
+    expected = warp.correlation(model.matching_features(S1), model.matching_features(S2), 4, 2, normalize=False)
+    assert torch.allclose(cosine.correlate(S1, S2), expected, atol=1e-6)
+    assert cosine.correlate(S1, S2).abs().max() <= 1 + 1e-5 < raw.correlate(S1, S2).abs().max()  # not the same volume
+    net = model.build_model("efc", 5, "resnet18", max_displacement=4, corr_stride=1, cost_volume="raw")
+    assert net.flow.cost_volume == "raw"
+    with pytest.raises(ValueError, match="cost_volume must be one of"):
+        model.FlowDecoder(64, 16, cost_volume="dot")

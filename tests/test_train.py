@@ -654,3 +654,38 @@ def test_a_data_root_elsewhere_is_never_written_and_a_wrong_one_is_one_line(tmp_
                     "--out", str(tmp_path / "run")])
     message = str(stop.value.code)
     assert message.startswith(f"--data-root {tmp_path / 'other'}: ") and "gtFine" in message and "\n" not in message
+
+
+def test_the_paper_recipe_trains_with_each_papers_augmentation(world, tmp_path):
+    paper = ["--recipe", "paper", "--dataset", "synthetic", "--from-scratch"]
+    for method in ("efc", "flow", "psp"):  # EFC: PSPNet's scale and rotation; efc / flow crop inside the rotated frame
+        t = train.training_dataset(config.parse_args(tiny(world, tmp_path, method, *paper))).transform
+        assert (t.scale, t.rotate, t.shift, t.pad, t.train) == ((0.5, 2.0), 10.0, 0.0, method == "psp", True), method
+    t = train.training_dataset(config.parse_args(tiny(world, tmp_path, "flow2seg", *paper))).transform
+    assert (t.scale, t.rotate, t.shift, t.pad) == ((0.5, 2.0), 0.0, 10.0, True)  # Flow2Seg 4.2: +-10 grey levels
+    t = train.training_dataset(config.parse_args(tiny(world, tmp_path, "efc", *paper, "--no-augment"))).transform
+    assert t.train is False
+    for method in ("efc", "psp"):  # the quick recipe's, unchanged
+        t = train.training_dataset(config.parse_args(tiny(world, tmp_path, method))).transform
+        assert (t.rotate, t.shift, t.pad) == ((0.0, 0.0, False) if method == "efc" else (10.0, 0.0, True)), method
+
+
+def test_efc_on_kitti_trains_on_kitti_raw_with_its_pseudo_labels(tmp_path):
+    import kitti_raw
+    from test_data import KEPT, make_kitti_raw
+    root, labels = make_kitti_raw(tmp_path / "raw", KEPT, frames=8, size=(40, 56)), tmp_path / "labels"
+    for frame in kitti_raw.labelled_frames(root, snippet_length=5, labelled_index=3):
+        kitti_raw.write_label(kitti_raw.label_path(labels, root, frame), torch.full((40, 56), 7).numpy())
+    kitti_raw_args = dict(snippet_length=5, labelled_index=3)
+    original = kitti_raw.KittiRaw.__init__
+    with pytest.MonkeyPatch.context() as m:  # the tiny drives have 8 frames, not 30
+        m.setattr(kitti_raw.KittiRaw, "__init__", lambda self, *a, **k: original(self, *a, **k, **kitti_raw_args))
+        args = config.parse_args(["--method", "efc", "--dataset", "kitti", "--data-root", str(tmp_path / "k2015"),
+                                  "--kitti-raw", str(root), "--pseudo-labels", str(labels), "--crop", "32", "48",
+                                  "--max-gap", "2", "--pairs-per-snippet", "4"])
+        dataset = train.training_dataset(args)
+    assert isinstance(dataset, kitti_raw.KittiRaw) and dataset.num_classes == 19 and len(dataset) == 4 * 2
+    item = dataset[0]  # "+ UD": 4 snippets x 2 labelled pairs, each item one of them and an unlabelled pair
+    assert item["image_a"].shape == (2, 3, 32, 48) and item["label_a"].shape == (2, 32, 48)
+    assert {"image_b", "label_b", "labelled_a", "labelled_b", "t"} <= set(item)
+    assert set(item["label_a"][0].unique().tolist()) | set(item["label_b"][0].unique().tolist()) >= {7}

@@ -533,6 +533,9 @@ def check_cost_volume(p, args):
     if args.fine_match > 0:
         p.error(f"--cost-volume raw: --fine-match's soft-argmax is calibrated for cosines: give --fine-match 0 "
                 f"(got {args.fine_match})")
+    if args.corr_layer == "layer2+3":
+        p.error("--cost-volume raw: --corr-layer layer2+3 correlates two maps made unit length to weigh them alike: "
+                "give --corr-layer layer3 or layer2")
 
 
 # Flags that may differ between a run and its --resume: where and how it runs, not what it computes.

@@ -148,6 +148,8 @@ def test_efc_trains_on_kitti_raw_with_pseudo_labels_and_the_kitti_crop():
      "--cost-volume raw: --match-input's soft-argmax is calibrated for cosines: give --no-match-input"),
     (["--method", "flow", "--cost-volume", "raw", "--flow-warmup", "0", "--no-match-input"],
      "--cost-volume raw: --fine-match's soft-argmax is calibrated for cosines: give --fine-match 0 (got 2)"),
+    (["--method", "flow", "--cost-volume", "raw", "--flow-warmup", "0", "--no-match-input", "--fine-match", "0"],
+     "--cost-volume raw: --corr-layer layer2+3 correlates two maps made unit length to weigh them alike"),
 ])
 def test_the_kitti_raw_coarse_and_cost_volume_refusals_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):

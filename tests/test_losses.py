@@ -527,11 +527,7 @@ def test_unsupervised_loss_prefers_the_true_flow_to_a_constant_pan_per_pair(movi
         out = {"flow_ab": [warp.resize_flow(fw, g) for g in grids], "flow_ba": [warp.resize_flow(bw, g) for g in grids],
                "occ_a": [torch.zeros(len(fw), 1, *g) for g in grids], "occ_b": [torch.zeros(len(fw), 1, *g) for g in grids],
                "logits_a": None, "logits_b": None, "S_a": None, "S_b": None}
-        previous, losses.EDGE_WEIGHT = losses.EDGE_WEIGHT, edge
-        try:
-            return losses.efc_loss(out, crop, flow_only=True, occlusion=False)[0].item()
-        finally:
-            losses.EDGE_WEIGHT = previous
+        return losses.efc_loss(out, crop, flow_only=True, occlusion=False, edge_weight=edge)[0].item()
 
     def pan(flow):  # (B, 2, h, w) -> each pair's median flow everywhere
         return flow.flatten(2).median(2).values[..., None, None].expand_as(flow)

@@ -600,6 +600,36 @@ def geometric_median(points, iterations=100):
     return c
 
 
+# The classes that move on their own in the synthetic world (synthetic.py's sprites with a speed);
+# everything else moves with the camera alone, which is what camera_flow is fitted to.
+OWN_MOTION = ("car_moving", "person", "bicycle")
+
+
+def camera_flow(flow, mask):
+    """The camera's own flow (1, 2, H, W): u = z (x - c_x) + t_x, v = z (y - c_y) + t_y, fitted by least
+    squares (float64) to the true flow (1, 2, H, W) on the pixels of `mask` (1, H, W), c the image centre.
+
+    Why these three parameters: the world's camera sees the plane through X = o_t + s_t (p - c)
+    (synthetic.py), so a point that does not move on its own goes from p to
+    c + (o_t - o_t+1 + s_t (p - c)) / s_t+1: a zoom about c plus a translation, exactly (the fit's
+    residual on the world's static classes is 0.006 px, the flow files' 1/64-px rounding). Evaluated
+    on the cars, it is what a network that gets the camera right and ignores their own motion outputs.
+    """
+    H, W = flow.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64) - (H - 1) / 2,
+                            torch.arange(W, dtype=torch.float64) - (W - 1) / 2, indexing="ij")  # (H, W) each
+    m = mask[0].bool().cpu()
+    n = int(m.sum())
+    if n < 2:
+        raise ValueError(f"camera_flow: {n} pixels to fit zoom and translation to, need at least 2")
+    A = torch.zeros(2 * n, 3, dtype=torch.float64)  # rows: u of each pixel, then v of each pixel
+    A[:n, 0], A[:n, 1] = xs[m], 1  # u = z x + t_x
+    A[n:, 0], A[n:, 2] = ys[m], 1  # v = z y + t_y
+    rhs = torch.cat([flow[0, 0].cpu()[m], flow[0, 1].cpu()[m]]).double()[:, None]  # (2n, 1)
+    z, tx, ty = torch.linalg.lstsq(A, rhs).solution[:, 0]
+    return torch.stack([z * xs + tx, z * ys + ty])[None].to(flow.dtype).to(flow.device)  # (1, 2, H, W)
+
+
 @torch.no_grad()
 def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, submit=None):
     """EPE and Fl of an efc / flow network over pairs with ground truth, with baselines.
@@ -618,11 +648,26 @@ def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, 
                        const_u, const_v: that flow (a collapsed network can do no better)
       identity_flow    mean |F(a, a)| in pixels: the flow of a frame to itself, 0 for a network
                        that reads its input (a constant bias shows here)
+    and, where a 'moving' region is counted, whether the flow holds the cars' own motion:
+      epe_moving_camera   EPE on the same car_moving pixels of camera_flow, each pair's zoom +
+                          translation fitted to its true flow on the classes not in OWN_MOTION (an
+                          oracle of the camera that knows nothing of the cars' own motion), and
+      moving_camera_ratio epe_moving / epe_moving_camera: near 1 for a flow of the camera alone
+    and, where the true occlusion is known (the world: every pixel of frame a; KITTI: the pixels with
+    flow_occ ground truth), how each of EFC's two occlusion maps finds it, as IoU at 0.5 pooled
+    over the pairs:
+      occ_iou_est      the predicted O_est (occ_a > 0.5)
+      occ_iou_range    the range map of the predicted F_b->a (EFC eq. (3), warp.occlusion_mask)
+      occ_est_occluded, occ_est_visible   mean O_est on the truly occluded / visible pixels (a soft
+                       O_est that never passes 0.5 has IoU 0 but may still rank them)
     """
-    counts = {"all": [], "noc": [], "moving": [], "zero": []}
+    counts = {"all": [], "noc": [], "moving": [], "zero": [], "moving_camera": []}
     truths, identity = [], []
+    occlusion = dict.fromkeys(("est_inter", "est_union", "range_inter", "range_union",
+                               "est_on_occluded", "occluded", "est_on_visible", "visible"), 0.0)  # pixel sums
     classes = list(getattr(dataset, "classes", ()))
     moving_class = classes.index("car_moving") if "car_moving" in classes else None
+    own_motion = torch.tensor([classes.index(name) for name in OWN_MOTION if name in classes], device=device)
     indices = spread_indices(len(dataset), max_items)
     picks = _picture_indices(len(indices), pictures)
     for position, index in enumerate(data.progress(indices, len(indices), "flow: pairs")):
@@ -648,10 +693,21 @@ def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, 
             if moving_class is not None and "label_a" in item:
                 moving = valid & (item["label_a"] == moving_class)  # (1, H, W) the cars' own motion
                 counts["moving"].append(flow_error_counts(predicted["flow_ab"], gt, moving))
+                static = valid & ~torch.isin(item["label_a"], own_motion)  # (1, H, W) moves with the camera
+                counts["moving_camera"].append(flow_error_counts(camera_flow(gt, static), gt, moving))
             counts["zero"].append(flow_error_counts(torch.zeros_like(gt), gt, valid))
             truths.append(gt.permute(0, 2, 3, 1)[valid.bool()].float().cpu())  # (N, 2) true vectors
             same = flow_outputs(model, image_a, image_a)["flow_ab"]  # (1, 2, h, w) F(a, a)
             identity.append(same.norm(dim=1).mean().item())
+            known = valid if "flow" in item else torch.ones_like(occ)  # (1, H, W) where occ is the truth
+            truth = occ.bool() & known
+            o_est = predicted["occ_a"][:, 0]  # (1, H, W) probability
+            for name, found in (("est", o_est > 0.5), ("range", warp.occlusion_mask(predicted["flow_ba"])[:, 0] > 0)):
+                occlusion[name + "_inter"] += (found & truth).sum().item()
+                occlusion[name + "_union"] += ((found | truth) & known).sum().item()
+            for name, region in (("occluded", truth), ("visible", known & ~truth)):
+                occlusion["est_on_" + name] += o_est[region].sum().item()
+                occlusion[name] += region.sum().item()
         if position in picks:
             panel = flow_panel(image_a[0], image_b[0], predicted["flow_ab"][0], predicted["occ_a"][0, 0],
                                None if gt is None else gt[0], None if gt is None else valid[0],
@@ -671,6 +727,14 @@ def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, 
             metrics["epe_all_const"] = float((truths.double() - const).norm(dim=1).mean())
             metrics["const_u"], metrics["const_v"] = float(const[0]), float(const[1])
         metrics["identity_flow"] = float(np.mean(identity))
+        if counts["moving_camera"] and "epe_moving" in metrics:
+            metrics["epe_moving_camera"] = flow_metrics(torch.cat(counts["moving_camera"]).numpy(), "x")["epe_x"]
+            metrics["moving_camera_ratio"] = metrics["epe_moving"] / metrics["epe_moving_camera"]
+        nan, o = float("nan"), occlusion
+        metrics["occ_iou_est"] = o["est_inter"] / o["est_union"] if o["est_union"] else nan
+        metrics["occ_iou_range"] = o["range_inter"] / o["range_union"] if o["range_union"] else nan
+        metrics["occ_est_occluded"] = o["est_on_occluded"] / o["occluded"] if o["occluded"] else nan
+        metrics["occ_est_visible"] = o["est_on_visible"] / o["visible"] if o["visible"] else nan
     return metrics
 
 
@@ -1217,16 +1281,27 @@ def format_table(metrics, classes=None, title=""):
         for key, name, scale in (("epe_noc", "EPE noc (px)", 1), ("epe_all", "EPE all (px)", 1),
                                  ("fl_noc", "Fl-noc %", 100), ("fl_all", "Fl-all %", 100)):
             lines.append(f"{name:<24}{_number(metrics[key], scale)}{_number(metrics[key + '_per_image'], scale, 11)}")
+        if "epe_moving_camera" in metrics:  # the cars' own motion: a camera-only flow's ratio is ~1
+            lines.append(f"{'EPE car_moving (px)':<24}{_number(metrics['epe_moving'])}   (camera-only flow "
+                         f"{metrics['epe_moving_camera']:.2f} px: ratio {metrics['moving_camera_ratio']:.2f})")
+        if "occ_iou_est" in metrics:
+            lines.append(f"{'occlusion IoU at 0.5 %':<24}{_number(metrics['occ_iou_est'], 100)}   O_est;"
+                         f"{_number(metrics['occ_iou_range'], 100, 7)} range map of F_b->a, EFC eq. (3)")
+            lines.append(f"{'mean O_est %':<24}{_number(metrics['occ_est_occluded'], 100)}   on occluded pixels;"
+                         f"{_number(metrics['occ_est_visible'], 100, 7)} on visible ones")
     return "\n".join(lines)
 
 
 def format_metric(name, value):
     """One validation number for a log line, in the units the tables use: EPEs, flows and the
-    identity check in pixels, every ratio (mIoU, accuracy, Fl, temporal consistency) in %."""
+    identity check in pixels, every fraction (mIoU, accuracy, Fl, temporal consistency, occlusion
+    IoU) in %, an error over another's (*_ratio) as a factor."""
     if name.startswith(("epe", "const_", "identity")):
         return f"{name} {value:.2f} px"
     if name.endswith(("_pixels", "_pairs", "_images")):  # counts
         return f"{name} {value:.0f}"
+    if name.endswith("_ratio"):  # one error over another's (moving_camera_ratio)
+        return f"{name} {value:.2f}x"
     return f"{name} {100 * value:.2f} %"
 
 

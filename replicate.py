@@ -13,7 +13,7 @@ Tables (rows = variants; every variant is one `python train.py ...` command, pri
                    Metrics: EPE all / noc / on car_moving pixels against the exact ground truth, Fl,
                    with three reference rows that need no training: the zero flow, the best constant
                    flow (what a network that ignores its input reaches at best) and the camera-only
-                   flow (the camera's motion exactly, none of the cars' own: camera_flow).
+                   flow (the camera's motion exactly, none of the cars' own: evaluate.camera_flow).
   flow2seg-table2  Flow2Seg Table 2, the flow path alone, trained alone (train.py --flow2seg-stage
                    flow-path) on the ground-truth flow: ResNet-18 / 50 / 101 with the FCN head;
                    ResNet-18 + ASPP, + DenseASPP, + PSP. Metrics: the flow path's mIoU and its IoU of
@@ -174,9 +174,6 @@ VARIANTS = {
 }
 # Reference rows of Table 2: no training, one evaluation of a fixed flow (reference_flow_metrics).
 REFERENCES = ("zero", "const", "camera")
-# The classes that move on their own in the world (synthetic.py's sprites with a speed); everything
-# else moves with the camera alone, which is what camera_flow is fitted to.
-OWN_MOTION = ("car_moving", "person", "bicycle")
 CARS = ("car_moving", "car_parked")  # the look-alike classes: the same sprites, told apart by motion alone
 
 # Tables: rows (variant, label, the paper's numbers) and columns (metric key, header, format).
@@ -372,31 +369,6 @@ def evaluate_run(checkpoint, sequence, device, flow_dir=None):
     return metrics
 
 
-def camera_flow(flow, mask):
-    """The camera's own flow (1, 2, H, W): u = z (x - c_x) + t_x, v = z (y - c_y) + t_y, fitted by least
-    squares (float64) to the true flow (1, 2, H, W) on the pixels of `mask` (1, H, W), c the image centre.
-
-    Why these three parameters: the world's camera sees the plane through X = o_t + s_t (p - c)
-    (synthetic.py), so a point that does not move on its own goes from p to
-    c + (o_t - o_t+1 + s_t (p - c)) / s_t+1: a zoom about c plus a translation, exactly (the fit's
-    residual on the world's static classes is 0.006 px, the flow files' 1/64-px rounding). Evaluated
-    on the cars, it is what a network that gets the camera right and ignores their own motion outputs.
-    """
-    H, W = flow.shape[-2:]
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64) - (H - 1) / 2,
-                            torch.arange(W, dtype=torch.float64) - (W - 1) / 2, indexing="ij")  # (H, W) each
-    m = mask[0].bool()
-    n = int(m.sum())
-    if n < 2:
-        raise ValueError(f"camera_flow: {n} pixels to fit zoom and translation to, need at least 2")
-    A = torch.zeros(2 * n, 3, dtype=torch.float64)  # rows: u of each pixel, then v of each pixel
-    A[:n, 0], A[:n, 1] = xs[m], 1  # u = z x + t_x
-    A[n:, 0], A[n:, 2] = ys[m], 1  # v = z y + t_y
-    rhs = torch.cat([flow[0, 0][m], flow[0, 1][m]]).double()[:, None]  # (2n, 1)
-    z, tx, ty = torch.linalg.lstsq(A, rhs).solution[:, 0]
-    return torch.stack([z * xs + tx, z * ys + ty])[None].to(flow.dtype)  # (1, 2, H, W)
-
-
 def reference_flow_metrics(sequence):
     """EPE / Fl of the flows that need no training, on the EvalPairs `sequence`: what a flow network
     must beat. In evaluate_flow's regions: all = flow_fw_valid, noc = those pixels not occluded
@@ -406,16 +378,16 @@ def reference_flow_metrics(sequence):
       const   the best constant flow under EPE all: the geometric median of every counted true vector
               of these pairs (evaluate.geometric_median), what a network that ignores its input can
               reach at best (a collapsed flow decoder lands here); const_u / const_v give it, in px;
-      camera  camera_flow of each pair, fitted to its true flow on the valid pixels of the classes
-              not in OWN_MOTION: the camera's motion exactly and nothing of the cars', persons' and
-              bicycles' own (an oracle: it reads the true flow and the labels). A network below it on
+      camera  evaluate.camera_flow of each pair, fitted to its true flow on the valid pixels of the
+              classes not in evaluate.OWN_MOTION: the camera's motion exactly and nothing of the cars',
+              persons' and bicycles' own (an oracle: it reads the true flow and the labels). A network below it on
               car_moving pixels has learned some of the cars' own motion.
     -> {"zero": metrics, "const": metrics, "camera": metrics}, each with 'pairs' and epe_/fl_ of the
     three regions."""
     items = [sequence[k] for k in range(len(sequence))]
     classes = list(sequence.classes)
     moving_class = classes.index("car_moving")
-    own_motion = torch.tensor([classes.index(name) for name in OWN_MOTION])
+    own_motion = torch.tensor([classes.index(name) for name in evaluate.OWN_MOTION])
     # (N, 2) every counted true vector of every pair, u first
     truths = torch.cat([item["flow_fw"].permute(1, 2, 0)[item["flow_fw_valid"]] for item in items])
     const = evaluate.geometric_median(truths).float()  # (2,) px
@@ -424,7 +396,8 @@ def reference_flow_metrics(sequence):
         return lambda gt, item: vector.view(1, 2, 1, 1).expand_as(gt)  # the same vector at every pixel
 
     def camera(gt, item):
-        return camera_flow(gt, item["flow_fw_valid"][None] & ~torch.isin(item["label_a"][None], own_motion))
+        static = item["flow_fw_valid"][None] & ~torch.isin(item["label_a"][None], own_motion)  # (1, H, W)
+        return evaluate.camera_flow(gt, static)
 
     references = {}
     for name, make_flow in (("zero", constant(torch.zeros(2))), ("const", constant(const)), ("camera", camera)):

@@ -16,6 +16,7 @@ import data
 import evaluate
 import model
 import train
+import warp
 import synthetic
 
 SIZE = (48, 64)
@@ -352,6 +353,34 @@ def test_validate_psp_and_efc_on_the_synthetic_world(world, checkpoints):
         assert (truth - const - torch.tensor([du, dv])).norm(dim=1).mean() >= m["epe_all_const"] - 1e-9
     assert m["epe_all_const"] <= m["epe_all_zero"]
     assert m["identity_flow"] == pytest.approx(sum(identity) / 3, rel=1e-5)
+    # The cars' own motion against the camera-only flow on the same pixels, and EFC's two occlusion maps
+    # (O_est at 0.5, the range map of F_b->a) against the true occlusion: IoU pooled over the pairs.
+    own = torch.tensor([sequence.classes.index(name) for name in evaluate.OWN_MOTION])
+    camera_error, inter, union, on_occluded, occluded = [], [0, 0], [0, 0], 0.0, 0
+    with torch.no_grad():
+        for index in (0, 14, 28):
+            item = sequence[index]
+            cars = item["flow_fw_valid"] & (item["label_a"] == moving)
+            static = item["flow_fw_valid"] & ~torch.isin(item["label_a"], own)
+            camera = evaluate.camera_flow(item["flow_fw"][None], static[None])[0]
+            camera_error.append((camera - item["flow_fw"]).norm(dim=0)[cars])
+            out = evaluate.flow_outputs(efc, item["image_a"][None], item["image_b"][None])
+            truth = item["occ_fw"]
+            for k, found in enumerate((out["occ_a"][0, 0] > 0.5, warp.range_map(out["flow_ba"])[0, 0] < 0.5)):
+                inter[k] += (found & truth).sum().item()
+                union[k] += (found | truth).sum().item()
+            on_occluded += out["occ_a"][0, 0][truth].sum().item()
+            occluded += truth.sum().item()
+    assert m["epe_moving_camera"] == pytest.approx(torch.cat(camera_error).double().mean().item(), rel=1e-5)
+    assert m["moving_camera_ratio"] == pytest.approx(m["epe_moving"] / m["epe_moving_camera"], rel=1e-9)
+    assert m["epe_moving_camera"] > 3  # the cars move on their own: the camera alone is far off on them
+    assert occluded > 100 and union[1] > 0
+    assert m["occ_iou_est"] == pytest.approx(inter[0] / union[0] if union[0] else float("nan"), rel=1e-9, nan_ok=True)
+    assert m["occ_iou_range"] == pytest.approx(inter[1] / union[1], rel=1e-9)
+    assert m["occ_est_occluded"] == pytest.approx(on_occluded / occluded, rel=1e-5)
+    table = evaluate.format_table(m)
+    assert f"camera-only flow {m['epe_moving_camera']:.2f} px: ratio {m['moving_camera_ratio']:.2f}" in table
+    assert "occlusion IoU at 0.5 %" in table and "range map of F_b->a, EFC eq. (3)" in table
 
 
 def test_geometric_median_is_the_point_of_least_mean_distance():
@@ -572,3 +601,11 @@ def test_pictures_explain_themselves():
     key = evaluate.flow_key(21, 3.0)
     assert (key[10, 20] == data.flow_to_color(np.array([[[3.0, 0.0]]]), 3.0)[0, 0]).all()  # rim, right: 3 px
     assert (key[10, 10] == 255).all() and (key[0, 0] == 255).all()  # centre: no motion (white); outside: white
+
+
+def test_format_metric_units():
+    # pixels for errors and flows, % for fractions, a factor for one error over another, counts bare
+    assert evaluate.format_metric("epe_moving_camera", 11.094) == "epe_moving_camera 11.09 px"
+    assert evaluate.format_metric("occ_iou_range", 0.2571) == "occ_iou_range 25.71 %"
+    assert evaluate.format_metric("moving_camera_ratio", 0.4706) == "moving_camera_ratio 0.47x"
+    assert evaluate.format_metric("flow_pairs", 60.0) == "flow_pairs 60"

@@ -10,6 +10,7 @@ import torch
 
 import config
 import data
+import evaluate
 import replicate
 import synthetic
 
@@ -143,11 +144,11 @@ def test_eval_pairs_window_paths_and_zero_flow(world):
     # The camera-only flow: exact on every pixel that moves with the camera (the flow files' 1/64-px
     # rounding and the fit's float32 output aside), wrong on the cars by their own motion.
     camera = references["camera"]
-    own = torch.tensor([pairs.classes.index(name) for name in replicate.OWN_MOTION])
+    own = torch.tensor([pairs.classes.index(name) for name in evaluate.OWN_MOTION])
     residual, own_error = [], []
     for it in items:
         static = it["flow_fw_valid"] & ~torch.isin(it["label_a"], own)
-        flow = replicate.camera_flow(it["flow_fw"][None], static[None])[0]
+        flow = evaluate.camera_flow(it["flow_fw"][None], static[None])[0]
         error = (flow - it["flow_fw"]).norm(dim=0)
         residual.append(error[static])
         own_error.append(error[it["flow_fw_valid"] & (it["label_a"] == moving)])
@@ -168,13 +169,13 @@ def test_camera_flow_recovers_zoom_and_translation_outside_the_mask():
     flow[:, 1, 5:12, 8:20] -= 1.0
     static = torch.ones(1, H, W, dtype=torch.bool)
     static[:, 5:12, 8:20] = False
-    fitted = replicate.camera_flow(flow, static)
+    fitted = evaluate.camera_flow(flow, static)
     assert torch.allclose(fitted, truth, atol=1e-5)  # the car does not pull the fit
     assert (fitted - flow)[0, :, 5:12, 8:20].norm(dim=0).mean() == pytest.approx(math.hypot(9, 1), rel=1e-5)
     # Fitted to every pixel, the car drags it off the camera's motion: the mask is what keeps it exact.
-    assert not torch.allclose(replicate.camera_flow(flow, torch.ones(1, H, W, dtype=torch.bool)), truth, atol=0.1)
+    assert not torch.allclose(evaluate.camera_flow(flow, torch.ones(1, H, W, dtype=torch.bool)), truth, atol=0.1)
     with pytest.raises(ValueError, match="1 pixels to fit"):
-        replicate.camera_flow(flow, torch.zeros(1, H, W, dtype=torch.bool).index_put_((torch.tensor([0]),) * 3,
+        evaluate.camera_flow(flow, torch.zeros(1, H, W, dtype=torch.bool).index_put_((torch.tensor([0]),) * 3,
                                                                                      torch.tensor(True)))
 
 

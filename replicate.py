@@ -452,9 +452,10 @@ def train_command(name, seed, settings, run_dir, runs_root, data_root, device):
     if method == "efc":
         args += ["--cons-weight", str(settings["cons_weight"])]
     # Every row keeps EFC's FlowNet decoder: the tables of docs/replication.md were measured with it,
-    # and Table 2 compares UL with UL + TC on the same decoder. --method flow's quick recipe now starts
-    # its decoder as block matching (config.RULES, docs/moving-cars.md), so the flow rows say no to it.
-    if method == "flow":
+    # and Table 2 compares UL with UL + TC on the same decoder. The quick recipe's efc and flow now start
+    # their decoder as two-level block matching (config.RULES flow-finds-the-moving-cars,
+    # docs/moving-cars.md), so these rows say no to it.
+    if method in ("efc", "flow"):
         args += ["--corr-layer", "layer3", "--no-match-input", "--no-flow-pass-through", "--fine-match", "0"]
     if device:
         args += ["--device", device]

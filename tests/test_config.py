@@ -36,8 +36,13 @@ def test_the_per_method_overrides_are_named_rules():
     plain = config.parse_args(["--method", "flow", "--corr-layer", "layer3", "--no-match-input",
                                "--no-flow-pass-through", "--fine-match", "0"])  # EFC's decoder, as replicate.py asks
     assert tuple(getattr(plain, k) for k in decoder) == ("layer3", False, False, 0)
-    efc = config.parse_args(["--method", "efc"])  # efc keeps EFC's decoder (not yet measured with the rule's)
-    assert tuple(getattr(efc, k) for k in decoder) == ("layer3", False, False, 0) and efc.sources["fine_match"] == "quick"
+    efc = config.parse_args(["--method", "efc"])  # the full EFC on the world: the same decoder as its flow branch alone
+    assert tuple(getattr(efc, k) for k in decoder) == ("layer2+3", True, True, 2)
+    assert efc.sources["fine_match"] == "rule flow-finds-the-moving-cars"
+    for argv in (["--method", "efc", "--recipe", "paper", "--dataset", "synthetic", "--from-scratch"],
+                 ["--method", "flow", "--dataset", "kitti", "--data-root", "k"], ["--method", "flow2seg"]):
+        other = config.parse_args(argv)  # the paper recipe, the papers' data and the other methods keep EFC's
+        assert tuple(getattr(other, k) for k in decoder) == ("layer3", False, False, 0), argv
     psp = config.parse_args(["--method", "psp"])
     assert (psp.clip_grad, psp.sources["clip_grad"]) == (0.0, "quick") and psp.crop == [96, 96]
     assert (psp.flow_warmup, psp.sources["flow_warmup"]) == (0, "rule warmup-where-the-flow-trains")
@@ -142,14 +147,13 @@ def test_efc_trains_on_kitti_raw_with_pseudo_labels_and_the_kitti_crop():
     (["--method", "efc", "--coarse"], "--coarse adds Cityscapes' gtCoarse train_extra to PSPNet's training set: "
                                       "use it with --method psp --dataset cityscapes"),
     (["--method", "psp", "--coarse"], "use it with --method psp --dataset cityscapes"),
-    (["--method", "efc", "--cost-volume", "raw"], "--cost-volume raw: the warm-up's target is a soft-argmax "
-                                                  "calibrated for cosines: give --flow-warmup 0 (got 200)"),
-    (["--method", "flow", "--cost-volume", "raw", "--flow-warmup", "0"],
-     "--cost-volume raw: --match-input's soft-argmax is calibrated for cosines: give --no-match-input"),
-    (["--method", "flow", "--cost-volume", "raw", "--flow-warmup", "0", "--no-match-input"],
-     "--cost-volume raw: --fine-match's soft-argmax is calibrated for cosines: give --fine-match 0 (got 2)"),
-    (["--method", "flow", "--cost-volume", "raw", "--flow-warmup", "0", "--no-match-input", "--fine-match", "0"],
-     "--cost-volume raw: --corr-layer layer2+3 correlates two maps made unit length to weigh them alike"),
+    # every setting that reads cosines is named in the one line, with the flags that turn it off
+    (["--method", "efc", "--cost-volume", "raw"],
+     "--cost-volume raw (FlowNetC's raw correlation) does not go with the warm-up's target; --match-input; "
+     "--fine-match; --corr-layer layer2+3 (two maps made unit length to weigh them alike), made for cosines in "
+     "[-1, 1]: give --flow-warmup 0 --no-match-input --fine-match 0 --corr-layer layer3"),
+    (["--method", "flow", "--cost-volume", "raw", "--flow-warmup", "0", "--no-match-input", "--corr-layer", "layer2"],
+     "does not go with --fine-match, made for cosines in [-1, 1]: give --fine-match 0"),
 ])
 def test_the_kitti_raw_coarse_and_cost_volume_refusals_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -165,7 +169,8 @@ def test_coarse_and_the_cost_volume_switch_resolve_with_their_recipe_values():
         assert (args.coarse, args.cost_volume) == (False, "cosine") and args.sources["coarse"] == recipe[1]
     coarse = config.parse_args(["--method", "psp", "--dataset", "cityscapes", "--data-root", "C", "--coarse"])
     assert coarse.coarse and "coarse True [flag]" in config.describe(coarse)
-    raw = config.parse_args(["--method", "efc", "--cost-volume", "raw", "--flow-warmup", "0"])
+    raw = config.parse_args(["--method", "efc", "--cost-volume", "raw", "--flow-warmup", "0", "--corr-layer", "layer3",
+                             "--no-match-input", "--no-flow-pass-through", "--fine-match", "0"])
     assert raw.cost_volume == "raw" and "cost_volume raw [flag]" in config.describe(raw)
     paper = config.parse_args(["--method", "efc", "--recipe", "paper", "--dataset", "synthetic", "--from-scratch",
                                "--cost-volume", "raw"])  # the paper recipe has no warm-up: accepted as it is

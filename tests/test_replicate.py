@@ -498,3 +498,19 @@ def test_all_writes_the_goals_and_their_block_from_the_cached_rows(world, tmp_pa
     text = page.read_text()
     assert "| the full EFC's mIoU not below the PSPNet's | full EFC 60.00 %, PSPNet 50.00 % | met |" in text
     assert (tmp_path / "results" / "goals.md").read_text() in text
+
+
+def test_every_stored_result_is_what_its_command_trains_now():
+    # results/runs/ holds the runs behind docs/replication.md: a change of a variant's flags (or of a recipe
+    # default that a row then pins) must keep each stored command equal to the one train_command builds now,
+    # or --report silently drops the row and the next replicate run trains it again.
+    settings = dict(replicate.SETTINGS)
+    results, runs = replicate.default_folders(settings)
+    repo = Path(__file__).parent.parent
+    # the commands name the folders as a run from the repository root does: runs/replicate, data/synthetic
+    paths = {"results": repo / results, "runs": Path(runs), "data": Path(replicate.parse_args(["all"]).data_root)}
+    stored = sorted((repo / results / "runs").glob("*/seed*.json"))
+    assert len(stored) >= 60
+    stale = [f"{p.parent.name}/{p.stem}" for p in stored
+             if replicate.cached_result(p.parent.name, int(p.stem[4:]), settings, paths, None) is None]
+    assert stale == []

@@ -37,6 +37,7 @@ Conventions are warp.py's: flow (B, 2, H, W), u first, in pixels of its own grid
 = occluded; labels 255 = ignore; images ImageNet-normalised (data.normalize).
 """
 import argparse
+import collections
 import hashlib
 import json
 import math
@@ -600,6 +601,23 @@ def geometric_median(points, iterations=100):
     return c
 
 
+def occlusion_counts(o_est, flow_ba, occ, known):
+    """Pixel sums for the occlusion metrics of one pair: O_est (B, H, W) probabilities at 0.5 and the
+    range map of flow_ba (B, 2, H, W) F_b->a (EFC eq. (3)) against the true occlusion occ (B, H, W),
+    over the pixels `known` (B, H, W) bool -> {'est_inter', 'est_union', 'range_inter', 'range_union'
+    (intersection and union with the truth), 'est_on_occluded', 'occluded', 'est_on_visible', 'visible'
+    (O_est summed over, and the number of, truly occluded / visible pixels)}."""
+    truth = occ.bool() & known
+    counts = {}
+    for name, found in (("est", o_est > 0.5), ("range", warp.occlusion_mask(flow_ba)[:, 0] > 0)):
+        counts[name + "_inter"] = (found & truth).sum().item()
+        counts[name + "_union"] = ((found | truth) & known).sum().item()
+    for name, region in (("occluded", truth), ("visible", known & ~truth)):
+        counts["est_on_" + name] = o_est[region].sum().item()
+        counts[name] = region.sum().item()
+    return counts
+
+
 # The classes that move on their own in the synthetic world (synthetic.py's sprites with a speed);
 # everything else moves with the camera alone, which is what camera_flow is fitted to.
 OWN_MOTION = ("car_moving", "person", "bicycle")
@@ -663,8 +681,7 @@ def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, 
     """
     counts = {"all": [], "noc": [], "moving": [], "zero": [], "moving_camera": []}
     truths, identity = [], []
-    occlusion = dict.fromkeys(("est_inter", "est_union", "range_inter", "range_union",
-                               "est_on_occluded", "occluded", "est_on_visible", "visible"), 0.0)  # pixel sums
+    occlusion = collections.Counter()  # occlusion_counts' pixel sums over the pairs
     classes = list(getattr(dataset, "classes", ()))
     moving_class = classes.index("car_moving") if "car_moving" in classes else None
     own_motion = torch.tensor([classes.index(name) for name in OWN_MOTION if name in classes], device=device)
@@ -700,14 +717,8 @@ def evaluate_flow(model, dataset, device, max_items=None, out=None, pictures=0, 
             same = flow_outputs(model, image_a, image_a)["flow_ab"]  # (1, 2, h, w) F(a, a)
             identity.append(same.norm(dim=1).mean().item())
             known = valid if "flow" in item else torch.ones_like(occ)  # (1, H, W) where occ is the truth
-            truth = occ.bool() & known
-            o_est = predicted["occ_a"][:, 0]  # (1, H, W) probability
-            for name, found in (("est", o_est > 0.5), ("range", warp.occlusion_mask(predicted["flow_ba"])[:, 0] > 0)):
-                occlusion[name + "_inter"] += (found & truth).sum().item()
-                occlusion[name + "_union"] += ((found | truth) & known).sum().item()
-            for name, region in (("occluded", truth), ("visible", known & ~truth)):
-                occlusion["est_on_" + name] += o_est[region].sum().item()
-                occlusion[name] += region.sum().item()
+            for name, value in occlusion_counts(predicted["occ_a"][:, 0], predicted["flow_ba"], occ, known).items():
+                occlusion[name] += value
         if position in picks:
             panel = flow_panel(image_a[0], image_b[0], predicted["flow_ab"][0], predicted["occ_a"][0, 0],
                                None if gt is None else gt[0], None if gt is None else valid[0],

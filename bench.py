@@ -847,7 +847,7 @@ def micro_rows(args, device):
                    "max_abs_diff": difference, "ms_runs_a": [1000 * t for t in a], "ms_runs_b": [1000 * t for t in b],
                    **load_fields(timing)}
             if op == "correlation":
-                row["path"] = "all_pairs" if H * W <= warp.ALL_PAIRS_MAX_PIXELS else "tiled"
+                row["path"] = warp.correlation_path(H, W, d, s)
             rows.append(row)
             for x in inputs:
                 x.grad = None  # this comparison's gradients, before the next one allocates its own

@@ -706,12 +706,12 @@ class EFCNet(nn.Module):
                                 match_input=match_input, pass_through=pass_through, fine_match=fine_match,
                                 cost_volume=cost_volume)
 
-    def forward(self, image, image_b=None, segment=True, warmup=False, flow=True):
+    def forward(self, image, image_b=None, segment=True, warmup=False, flow=True, seg_frames=None):
         if image_b is None:
             return self.seg(image)
-        return self.forward_pair(image, image_b, segment, warmup, flow)
+        return self.forward_pair(image, image_b, segment, warmup, flow, seg_frames)
 
-    def forward_pair(self, image_a, image_b, segment=True, warmup=False, flow=True):
+    def forward_pair(self, image_a, image_b, segment=True, warmup=False, flow=True, seg_frames=None):
         """Everything the EFC losses need for a pair of normalised images (a, b), (B, 3, H, W) each:
           'logits_a', 'logits_b'  (B, K, H, W); 'aux_a', 'aux_b' the same in training mode, else None
           'S_a', 'S_b'            (B, C_S, H/8, W/8) shared-encoder (layer3) features
@@ -724,7 +724,13 @@ class EFCNet(nn.Module):
         gradient), and the decoder reads detached features: the warm-up teaches the decoder to read
         the encoder, it must not move the encoder, whose features make the targets.
         flow=False skips the flow decoder (Table 1's TCC_fix takes its flow from a fixed network):
-        'flow_ab', 'flow_ba', 'occ_a', 'occ_b' are None."""
+        'flow_ab', 'flow_ba', 'occ_a', 'occ_b' are None.
+        seg_frames (train.py --seg-batch labelled; not in EFC): None decodes all 2B frames as one batch
+        (the paper). Else (trained, other) (2B,) bool masks over [a frames; b frames]: the segmentation
+        of the `trained` frames is decoded with gradient as one batch (its BatchNorm statistics theirs),
+        that of the `other` frames without gradient and with BatchNorm's running statistics (O_seg, a
+        detached mask, is all that reads them), and the remaining frames are not decoded: their logits
+        and aux are zeros (nothing reads them)."""
         if image_a.shape != image_b.shape:
             raise ValueError(f"image_a {tuple(image_a.shape)} and image_b {tuple(image_b.shape)} "
                              "must have equal shapes")
@@ -751,11 +757,39 @@ class EFCNet(nn.Module):
             matches = self.flow.matching_flow(M1, M2, skip, skip2)  # (2B, 2, H/8, W/8); H/4 with fine_match
             out["match_ab"], out["match_ba"] = matches[:B], matches[B:]
         if segment:
-            seg = self.seg.decode(S, size)  # logits (2B, K, H, W); aux likewise or None
+            seg = self.seg.decode(S, size) if seg_frames is None else self.decode_some(S, size, *seg_frames)
+            # logits (2B, K, H, W); aux likewise or None
             out["logits_a"], out["logits_b"] = seg["logits"][:B], seg["logits"][B:]
             if seg["aux"] is not None:
                 out["aux_a"], out["aux_b"] = seg["aux"][:B], seg["aux"][B:]
         return out
+
+    def decode_some(self, S, size, trained, other):
+        """PSPNet.decode of some frames of S (2B, C_S, H/8, W/8): `trained` with gradient, `other`
+        without, the rest not at all (zeros): forward_pair's seg_frames. Why: in a Cityscapes-like
+        batch one frame in four has labels (EFC "+ UD"), and layer4 + PSP on the others, forward and
+        backward, is two thirds of a step on a CPU, for a loss that is zero there."""
+        trained_seg = self.seg.decode(S[trained], size)  # at least one frame: train.py makes sure
+        full = {}
+        for key, value in trained_seg.items():
+            if value is None:
+                full[key] = None
+                continue
+            # out of place, so that the gradient reaches the decoded frames
+            full[key] = value.new_zeros((S.shape[0], *value.shape[1:])).index_put((trained.nonzero()[:, 0],), value)
+        if other.any():
+            # BatchNorm's running statistics, as at inference: no statistics of their own to collect, so
+            # no collective under DDP, where one process may hold such frames and another none
+            modes = {m: m.training for m in self.seg.modules()}
+            self.seg.eval()
+            try:
+                with torch.no_grad():
+                    logits = self.seg.decode(S[other], size)["logits"]
+            finally:
+                for m, mode in modes.items():
+                    m.training = mode
+            full["logits"] = full["logits"].index_put((other.nonzero()[:, 0],), logits)
+        return full
 
 
 # ---------------------------------------------------------------------------------------------

@@ -457,6 +457,8 @@ def train_command(name, seed, settings, run_dir, runs_root, data_root, device):
     # docs/moving-cars.md), so these rows say no to it.
     if method in ("efc", "flow"):
         args += ["--corr-layer", "layer3", "--no-match-input", "--no-flow-pass-through", "--fine-match", "0"]
+    if method == "efc":  # and every frame's segmentation in one batch, as EFC (the quick recipe's is --seg-batch labelled)
+        args += ["--seg-batch", "all"]
     if device:
         args += ["--device", device]
     # The world-trained backbone (--pretrained), TCC_fix's --flow-init (its fixed flow network), Flow2Seg's

@@ -424,7 +424,7 @@ def compute_loss(net, batch, args, iteration, flow_net=None):
     # the segmentation terms train as usual.
     warmup = iteration < args.flow_warmup
     out = net(batch["image_a"], batch["image_b"], segment=not switches.get("flow_only", False),
-              warmup=warmup, flow=flow_net is None)
+              warmup=warmup, flow=flow_net is None, seg_frames=seg_frames(batch, args, warmup, switches))
     if flow_net is not None:  # TCC_fix: the fixed network's flow and occlusion, no gradient into them
         with torch.no_grad():
             fixed = flow_net(batch["image_a"], batch["image_b"], segment=False)
@@ -447,6 +447,22 @@ def compute_loss(net, batch, args, iteration, flow_net=None):
     if not args.flow_warmup:
         unused.add("warmup")
     return total, {name: value for name, value in terms.items() if name not in unused}
+
+
+def seg_frames(batch, args, warmup, switches):
+    """--seg-batch labelled: forward_pair's (trained, other) masks over the 2B frames [a; b] of an EFC
+    batch, else None (every frame decoded as one batch, as in EFC). trained: the frames with labels
+    (the first frame if none has: its loss is 0, but the segmentation weights take part in the step,
+    which DDP needs on every process); other: the rest where O_error reads their segmentation
+    (EFC eq. (5), a detached mask: not in the warm-up, TCC_fix or the rows without O_error)."""
+    if args.seg_batch != "labelled" or args.method != "efc":
+        return None
+    trained = torch.cat((batch["labelled_a"], batch["labelled_b"])).bool()  # (2B,)
+    if not trained.any():
+        trained = trained.clone()
+        trained[0] = True
+    reads_other = not (warmup or switches.get("frozen_flow") or switches.get("error_mask") is False)
+    return trained, ~trained if reads_other else torch.zeros_like(trained)
 
 
 def peak_memory_mb(device):

@@ -221,8 +221,19 @@ def correlation_by_definition(f1, f2, d, s):
 
 
 # Maps of at most this many pixels (H * W) take the all-pairs path, larger ones the tiled path: the
-# largest swept map at which all-pairs was the faster on the 2-core CPU (docs/benchmarks.md#measured).
+# largest swept map at which all-pairs was the faster on the 2-core CPU (docs/benchmarks.md#measured),
+# at d = 20, s = 2 (ALL_PAIRS_SWEPT_DISPLACEMENTS = 441). All-pairs computes every pixel against every
+# pixel, the tiled path only the D^2 displacements, so the crossover scales with D^2: the quick
+# recipe's stride-4 match (d = 2, 25 displacements, 16 x 64 x 32 x 64) took 604 ms forward + backward
+# on all-pairs and 138 ms tiled, and the stride-8 one (d = 4, 81, 16 x 384 x 16 x 32) 93 against 279.
 ALL_PAIRS_MAX_PIXELS = 64 * 64
+ALL_PAIRS_SWEPT_DISPLACEMENTS = 21 * 21
+
+
+def correlation_path(H, W, max_displacement, stride):
+    """The fast path `correlation` takes on an H x W map: "all_pairs" or "tiled" (see above)."""
+    D = 2 * (max_displacement // stride) + 1
+    return "all_pairs" if H * W * ALL_PAIRS_SWEPT_DISPLACEMENTS <= ALL_PAIRS_MAX_PIXELS * D * D else "tiled"
 
 
 def correlation(f1, f2, max_displacement=20, stride=2, normalize=True, tile=64, path=None):
@@ -236,7 +247,8 @@ def correlation(f1, f2, max_displacement=20, stride=2, normalize=True, tile=64, 
     path: "definition"; or a fast path of warp_fast.py with the same values and gradients:
     "all_pairs" (one (HW x C) @ (C x HW) matmul, RAFT's cost volume; quadratic memory) or "tiled"
     (D matmuls over row tiles of `tile` pixels); None picks all_pairs up to ALL_PAIRS_MAX_PIXELS
-    pixels, tiled above. Why two: docs/benchmarks.md#micro-benchmarks.
+    pixels at 441 displacements (in proportion to D^2 at others), tiled above. Why two:
+    docs/benchmarks.md#micro-benchmarks.
     """
     if f1.shape != f2.shape or f1.dim() != 4:
         raise ValueError(f"correlation: f1 {tuple(f1.shape)} and f2 {tuple(f2.shape)} must be equal (B, C, H, W)")
@@ -247,7 +259,7 @@ def correlation(f1, f2, max_displacement=20, stride=2, normalize=True, tile=64, 
     B, C, H, W = f1.shape
     d, s = max_displacement, stride
     if path is None:
-        path = "all_pairs" if H * W <= ALL_PAIRS_MAX_PIXELS else "tiled"
+        path = correlation_path(H, W, d, s)
     if path == "definition":
         out = correlation_by_definition(f1, f2, d, s)
     elif path == "all_pairs":

@@ -10,8 +10,8 @@ import train
 def test_every_value_says_where_it_came_from():
     args = config.parse_args(["--method", "efc", "--lr", "0.001", "--crop", "64", "80"])
     assert args.sources["lr"] == "flag" and args.sources["crop"] == "flag" and args.crop == [64, 80]
-    assert (args.iterations, args.sources["iterations"]) == (400, "rule flow-budget")
-    assert (args.flow_warmup, args.sources["flow_warmup"]) == (200, "rule flow-budget")
+    assert (args.iterations, args.sources["iterations"]) == (200, "rule flow-budget")
+    assert (args.flow_warmup, args.sources["flow_warmup"]) == (100, "rule flow-budget")
     assert (args.clip_grad, args.sources["clip_grad"]) == (10.0, "rule clip-flow-decoder")
     assert (args.batch, args.sources["batch"]) == (4, "quick")
     assert (args.seed, args.sources["seed"]) == (0, "default")
@@ -20,7 +20,7 @@ def test_every_value_says_where_it_came_from():
     text = config.describe(args)
     assert text.startswith("settings (efc, --recipe quick; unmarked values are the quick recipe's, config.QUICK):")
     assert "lr 0.001 [flag]" in text and "crop 64 80 [flag]" in text and "batch 4," in text
-    assert "iterations 400 [rule flow-budget]" in text and "seed 0 [default]" in text
+    assert "iterations 200 [rule flow-budget]" in text and "seed 0 [default]" in text
     assert "  rule flow-budget: the budget whose numbers" in text and "rule whole-frames:" not in text  # a flag won
     assert max(len(line) for line in text.splitlines()) <= 110
 

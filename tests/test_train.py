@@ -696,3 +696,75 @@ def test_efc_on_kitti_trains_on_kitti_raw_with_its_pseudo_labels(tmp_path):
     assert item["image_a"].shape == (2, 3, 32, 48) and item["label_a"].shape == (2, 32, 48)
     assert {"image_b", "label_b", "labelled_a", "labelled_b", "t"} <= set(item)
     assert set(item["label_a"][0].unique().tolist()) | set(item["label_b"][0].unique().tolist()) >= {7}
+
+
+def test_seg_batch_labelled_computes_the_papers_loss_and_gradients_on_fewer_frames(world, tmp_path):
+    # --seg-batch labelled (the quick recipe's) decodes the labelled frames as one batch and the rest
+    # without gradient, for O_seg alone, or not at all where nothing reads them. With BatchNorm at fixed
+    # statistics (eval mode: the one thing that differs in training is whose batch statistics normalise)
+    # it is the paper's loss with the paper's gradients, in the warm-up and after it.
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    args = config.parse_args(tiny(world, tmp_path / "x", "efc", "--batch", "3"))
+    net = train.build_model("efc", 9, args.backbone, args.flow_backbone, args.max_displacement, args.corr_stride,
+                            corr_layer=args.corr_layer, match_input=args.match_input, pass_through=args.pass_through,
+                            fine_match=args.fine_match).eval()
+    data = train.training_dataset(args)
+    batch = train.merge_companions({k: torch.stack([data[i][k] for i in range(2)]) for k in data[0]
+                                    if torch.is_tensor(data[0][k])})  # 2 items -> 4 pairs, 8 frames
+    labelled = torch.cat((batch["labelled_a"], batch["labelled_b"]))
+    assert labelled.sum() == 2 and labelled.numel() == 8  # one labelled frame per "+ UD" item
+    for warmup in (1, 0):
+        args.flow_warmup = warmup
+        results = {}
+        for seg_batch in ("all", "labelled"):
+            args.seg_batch = seg_batch
+            net.zero_grad()
+            total, terms = train.compute_loss(net, batch, args, 0)
+            total.backward()
+            results[seg_batch] = (total.detach(), terms, {n: q.grad.clone() for n, q in net.named_parameters()
+                                                          if q.grad is not None})
+        (total_all, terms_all, grads_all), (total_lab, terms_lab, grads_lab) = results["all"], results["labelled"]
+        assert torch.allclose(total_lab, total_all, rtol=1e-5) and total_all > 0
+        assert terms_all["seg"] > 0 and (terms_all["cons"] > 0) == (not warmup)
+        assert all(torch.allclose(terms_lab[k], terms_all[k], rtol=1e-5, atol=1e-7) for k in terms_all)
+        assert grads_lab.keys() == grads_all.keys() and any(k.startswith("seg.head") for k in grads_all)
+        assert all(torch.allclose(grads_lab[k], grads_all[k], rtol=1e-3, atol=1e-6) for k in grads_all)
+
+    # What reads which frame: O_seg reads every frame after the warm-up (other = the unlabelled ones);
+    # nothing does in the warm-up, in TCC_fix or without O_error; a batch without labels trains its first
+    # frame (a zero loss, but the weights take part, as DDP needs); --seg-batch all and flow: one batch.
+    args.seg_batch = "labelled"
+    trained, other = train.seg_frames(batch, args, False, {})
+    assert torch.equal(trained, labelled) and torch.equal(other, ~labelled)
+    for warmup, switches in ((True, {}), (False, {"frozen_flow": True}), (False, {"error_mask": False})):
+        trained, other = train.seg_frames(batch, args, warmup, switches)
+        assert torch.equal(trained, labelled) and not other.any()
+    unlabelled = {**batch, "labelled_a": torch.zeros(4, dtype=torch.bool), "labelled_b": torch.zeros(4, dtype=torch.bool)}
+    trained, other = train.seg_frames(unlabelled, args, False, {})
+    assert trained.tolist() == [True] + [False] * 7 and other.tolist() == [False] + [True] * 7
+    # In training mode: the frames nothing reads get zeros; the no-gradient ones are decoded with the
+    # running statistics (they neither move them nor, under DDP, need a collective), and every module
+    # keeps its mode (a frozen part stays in eval mode)
+    net.train()
+    net.seg.backbone.layer4[0].eval()
+    out = net(batch["image_a"], batch["image_b"], seg_frames=train.seg_frames(batch, args, True, {}))
+    logits = torch.cat((out["logits_a"], out["logits_b"]))  # (8, K, H, W)
+    assert (logits[~labelled] == 0).all() and (logits[labelled] != 0).all()
+    bn = net.seg.head[0][1]  # the PSP head's BatchNorm
+    moved = bn.running_mean.clone()
+    net.seg.decode(net.seg.encode(torch.cat((batch["image_a"], batch["image_b"])))[1][labelled])
+    after_labelled_only = bn.running_mean.clone()
+    bn.running_mean.copy_(moved)
+    out = net(batch["image_a"], batch["image_b"], seg_frames=train.seg_frames(batch, args, False, {}))
+    assert torch.allclose(bn.running_mean, after_labelled_only)
+    assert not net.seg.backbone.layer4[0].training and net.seg.backbone.layer4[1].training and net.flow.training
+    logits = torch.cat((out["logits_a"], out["logits_b"]))
+    weight = next(net.seg.head.parameters())
+    grad_unlabelled, = torch.autograd.grad(logits[~labelled].sum(), weight, retain_graph=True)
+    grad_labelled, = torch.autograd.grad(logits[labelled].sum(), weight)
+    assert (logits != 0).all() and (grad_unlabelled == 0).all() and grad_labelled.abs().sum() > 0
+    args.seg_batch, args.method = "all", "efc"
+    assert train.seg_frames(batch, args, False, {}) is None
+    args.seg_batch, args.method = "labelled", "flow"
+    assert train.seg_frames(batch, args, False, {}) is None

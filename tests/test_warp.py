@@ -423,18 +423,31 @@ def test_correlation_matches_the_definition(B, C, H, W, d, s, path):
 
 
 def test_correlation_picks_the_all_pairs_path_up_to_its_threshold(monkeypatch):
-    # By the map's pixel count: all-pairs up to warp.ALL_PAIRS_MAX_PIXELS, tiled above; an explicit
-    # path wins. Spies record which path ran.
+    # By the map's pixel count: all-pairs up to warp.ALL_PAIRS_MAX_PIXELS at the swept displacements
+    # (here made d = 2's 25), tiled above; an explicit path wins. Spies record which path ran.
     taken = []
     for name in ("tiled_correlation", "all_pairs_correlation"):
         original = getattr(warp_fast, name)
         monkeypatch.setattr(warp_fast, name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
     monkeypatch.setattr(warp, "ALL_PAIRS_MAX_PIXELS", 4 * 6)
+    monkeypatch.setattr(warp, "ALL_PAIRS_SWEPT_DISPLACEMENTS", 25)
     for H, W, path in ((4, 6, None), (5, 5, None), (3, 3, "tiled"), (6, 6, "all_pairs"), (6, 6, "definition")):
         correlation(torch.randn(1, 2, H, W), torch.randn(1, 2, H, W), 2, 1, path=path)
     assert taken == ["all_pairs_correlation", "tiled_correlation", "tiled_correlation", "all_pairs_correlation"]
     with pytest.raises(ValueError, match="path"):
         correlation(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), path="loop")
+
+
+def test_correlation_path_threshold_scales_with_the_displacements():
+    # The sweep's d = 20, s = 2 (441 displacements): all-pairs up to 64 x 64 (the constant), tiled at 90 x 90.
+    # Fewer displacements move the crossover down in proportion (up to 752 pixels at d = 4's 81, 232 at
+    # d = 2's 25): the quick recipe's stride-8 match (d = 4, 16 x 32) stays all-pairs, its stride-4 one
+    # (d = 2, 32 x 64) goes tiled (both measured, warp.py).
+    assert (warp.ALL_PAIRS_MAX_PIXELS, warp.ALL_PAIRS_SWEPT_DISPLACEMENTS) == (4096, 441)
+    cases = {(64, 64, 20, 2): "all_pairs", (90, 90, 20, 2): "tiled", (16, 32, 4, 1): "all_pairs",
+             (16, 47, 4, 1): "all_pairs", (16, 48, 4, 1): "tiled", (8, 29, 2, 1): "all_pairs",
+             (8, 30, 2, 1): "tiled", (32, 64, 2, 1): "tiled"}
+    assert {case: warp.correlation_path(*case) for case in cases} == cases
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -391,13 +391,14 @@ def test_flow_warmup_trains_towards_the_matching_flow_then_hands_over_to_the_pap
     assert all(line["warmup"] > 0 and line["pm"] == 0 and line["cons"] == 0 and line["seg"] > 0 for line in lines[:2])
     assert all(line["warmup"] == 0 and line["pm"] > 0 and line["cons"] > 0 for line in lines[2:])
     # the quick recipe warms up efc and flow only; asking for it elsewhere is an error
-    # efc and flow on the world run the budget the README reports: 400 iterations, 200 of warm-up
+    # efc and flow on the world run the budget the README reports: 200 iterations, 100 of warm-up
     for method in ("efc", "flow"):
         args = config.parse_args(["--method", method])
-        assert (args.iterations, args.flow_warmup) == (400, 200)
+        assert (args.iterations, args.flow_warmup) == (200, 100) and args.sources["iterations"] == "rule flow-budget"
     assert config.parse_args(["--method", "flow2seg"]).iterations == 200
     args = config.parse_args(["--method", "flow", "--dataset", "kitti", "--data-root", "k"])
     assert (args.iterations, args.flow_warmup) == (200, 100)  # elsewhere the quick recipe's own
+    assert args.sources["iterations"] == args.sources["flow_warmup"] == "quick"
     paper = ["--method", "efc", "--recipe", "paper", "--dataset", "synthetic", "--from-scratch"]
     assert config.parse_args(paper).flow_warmup == 0
     assert config.parse_args(["--method", "psp"]).flow_warmup == 0

@@ -351,6 +351,9 @@ def test_frozen_parts_stay_exactly_as_initialised(world, tmp_path, capsys, monke
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("flow_backbone."))
 
 
+# 27 s: behind -m slow to keep the default suite under 10 minutes; every fresh run of the README's main
+# command goes through the same stage (it trains, prints and caches the world's PSPNet).
+@pytest.mark.slow
 def test_world_encoder_trains_a_pspnet_once_then_uses_the_cached_one(world, tmp_path, monkeypatch, capsys):
     torch.set_num_threads(1)
     monkeypatch.chdir(tmp_path)  # runs/world-init/ is relative to the working directory
